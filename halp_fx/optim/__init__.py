@@ -1,0 +1,1 @@
+"""torchhalp-compatible optimizers (see issue 3)."""

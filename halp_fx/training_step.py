@@ -1,0 +1,287 @@
+"""The object ``halp_fx.transform`` returns: HALP state plus the compiled step that advances it.
+
+State per trainable tensor: ``anchor`` (float32), ``offset`` (integer, or float32
+for ``bits=None``), ``scale`` (float32 scalar), ``full_grad`` (float32) and, with
+momentum, ``momentum`` (float32). The graphs are pure functions of that state:
+a step returns new tensors, and the state is replaced only when the step's
+``all_finite`` flag is True, so a failed or non-finite step changes nothing.
+
+Momentum survives a recenter: a recenter moves no weight (the new anchor is the
+old ``A + d*Z``), so the velocity stays meaningful.
+"""
+import copy
+import dataclasses
+import os
+from collections import OrderedDict
+
+import torch
+
+from . import bit_centering, passes
+from .arguments import as_batch
+from .capture import OUTPUT_ROLES, ROLE, capture_gradient, capture_training_step, signature_of
+
+
+class NonFiniteError(FloatingPointError):
+    """A step's loss or corrected gradient, or a full gradient, was NaN or infinite; no state changed."""
+
+
+class _Program:
+    """One graph, compiled or not, and how its inputs and outputs map to state roles."""
+
+    def __init__(self, gm, example_inputs, compile, stages=None, summaries=None):
+        self.stages, self.summaries = stages, summaries
+        self.input_roles = [n.meta[ROLE] for n in gm.graph.nodes if n.op == "placeholder"]
+        self.output_roles = next(n for n in gm.graph.nodes if n.op == "output").meta[OUTPUT_ROLES]
+        self.gm = gm
+        self.output_code = None
+        if compile:
+            from torch._inductor.compile_fx import compile_fx
+            from torch._inductor.utils import run_and_get_code
+
+            # compile_fx rewrites the module's codegen in place: give it a copy.
+            self.fn, codes = run_and_get_code(lambda: compile_fx(copy.deepcopy(gm), example_inputs))
+            self.output_code = "\n\n".join(codes) or None
+        else:
+            self.fn = gm
+
+    def __call__(self, inputs):
+        return dict(zip(self.output_roles, self.fn(*inputs)))
+
+
+class TrainingStep:
+    """Callable HALP training step over a model; see :func:`halp_fx.transform`."""
+
+    def __init__(self, model, loss_fn, data_loader, *, bits, lr, T, mu, momentum, weight_decay,
+                 rounding, compile, on_nonfinite, seed, batch_size):
+        self.model, self.loss_fn, self.data_loader = model, loss_fn, data_loader
+        self.bits, self.lr, self.mu = bits, lr, mu
+        self.momentum, self.weight_decay, self.rounding = momentum, weight_decay, rounding
+        self.T = T if T is not None or data_loader is None else len(data_loader)
+        self.compile, self.on_nonfinite = compile, on_nonfinite
+        self.signature = signature_of(model, batch_size)
+        params = dict(model.named_parameters())
+        self.anchor = OrderedDict((n, params[n].detach().to(torch.float32).clone()) for n in self.signature.param_names)
+        dtype = bit_centering.offset_dtype(bits)
+        self.offset = OrderedDict((n, torch.zeros_like(a, dtype=dtype)) for n, a in self.anchor.items())
+        self.scale = OrderedDict((n, torch.zeros((), device=a.device) if bits is not None else torch.ones((), device=a.device))
+                                 for n, a in self.anchor.items())
+        self.full_grad = OrderedDict((n, torch.zeros_like(a)) for n, a in self.anchor.items())
+        self.momentum_buffer = OrderedDict((n, torch.zeros_like(a)) for n, a in self.anchor.items()) if momentum else OrderedDict()
+        self.frozen = OrderedDict((n, params[n].detach()) for n in self.signature.frozen_names)
+        buffers = dict(model.named_buffers())
+        self.buffers = OrderedDict((n, buffers[n].detach().clone()) for n in self.signature.buffer_names)
+        self.rounding_counter = torch.tensor(int(seed) << 32, dtype=torch.int64, device=self.device)
+        self.steps_since_recenter = 0
+        self.recenters = 0
+        self.nonfinite_steps = 0
+        self._step_programs, self._gradient_programs = {}, {}
+        self._first_step = None
+
+    # -- running -----------------------------------------------------------------------------
+    @property
+    def device(self):
+        return next(iter(self.anchor.values())).device
+
+    def __call__(self, *batch):
+        batch = as_batch(batch)
+        self._check_batch(batch)
+        if self.steps_since_recenter == 0 and self.recenters == 0 or (
+                self.T is not None and self.steps_since_recenter >= self.T):
+            self.recenter(None if self.data_loader is not None else [batch])
+        program = self._step_program(batch)
+        results = program(self._inputs(program, batch))
+        if not bool(results[("all_finite", None)]):
+            self.nonfinite_steps += 1
+            if self.on_nonfinite == "raise":
+                raise NonFiniteError(
+                    f"step {self.steps_since_recenter} after recenter {self.recenters}: the loss "
+                    f"({float(results[('loss', None)]):g}) or a corrected gradient is NaN/Inf; no state was "
+                    "changed. Lower lr, check the batch for NaN/Inf, or pass on_nonfinite='skip'.")
+            return results[("loss", None)]
+        self._commit(results)
+        self.steps_since_recenter += 1
+        return results[("loss", None)]
+
+    def recenter(self, batches=None):
+        """Move the anchor to the current weights, take the full gradient there, reset offsets and scales.
+
+        The full gradient is the mean loss gradient over ``batches`` (default: the
+        ``data_loader``), each batch weighted by its number of examples. Buffers
+        such as BatchNorm running statistics are not updated by it.
+        """
+        source = self.data_loader if batches is None else batches
+        if source is None:
+            raise ValueError("recenter() needs batches=[...] or a data_loader passed to transform()")
+        anchor = OrderedDict((n, self._weight(n)) for n in self.anchor)
+        total = 0
+        full_grad = OrderedDict((n, torch.zeros_like(a)) for n, a in anchor.items())
+        for raw in source:
+            batch = as_batch(raw)
+            self._check_batch(batch)
+            program = self._gradient_program(batch)
+            results = program(self._inputs(program, batch, anchor=anchor))
+            examples = batch[0].shape[0] if batch[0].dim() else 1
+            for n in full_grad:
+                full_grad[n].add_(results[("full_grad", n)], alpha=examples)
+            total += examples
+        if total == 0:
+            raise ValueError("the full gradient saw no batch: data_loader (or batches=) is empty")
+        for g in full_grad.values():
+            g.div_(total)
+        if not all(bool(torch.isfinite(g).all()) for g in full_grad.values()):
+            self.nonfinite_steps += 1
+            if self.on_nonfinite == "raise":
+                raise NonFiniteError("the full gradient is NaN/Inf; the anchor, offsets and scales were not "
+                                     "changed. Check the data for NaN/Inf or lower lr.")
+            return
+        self.anchor, self.full_grad = anchor, full_grad
+        self.scale = OrderedDict((n, bit_centering.scale_for(g, self.mu, self.bits)) for n, g in full_grad.items())
+        self.offset = OrderedDict((n, torch.zeros_like(z)) for n, z in self.offset.items())
+        self.steps_since_recenter = 0
+        self.recenters += 1
+
+    # -- state ---------------------------------------------------------------------------------
+    def _weight(self, name):
+        return bit_centering.dequantize(self.anchor[name], self.offset[name], self.scale[name])
+
+    def weights(self):
+        """``{param name: float32 tensor A + d*Z}``, the weights the model currently has."""
+        return OrderedDict((n, self._weight(n)) for n in self.anchor)
+
+    def sync_model(self):
+        """Write the current weights and buffers into the module (for eval/inference) and return it."""
+        params, buffers = dict(self.model.named_parameters()), dict(self.model.named_buffers())
+        with torch.no_grad():
+            for n, w in self.weights().items():
+                params[n].copy_(w)
+            for n, b in self.buffers.items():
+                buffers[n].copy_(b)
+        return self.model
+
+    # -- graphs --------------------------------------------------------------------------------
+    @property
+    def graphs(self):
+        """Stage name -> GraphModule: the captured plain step, one stage per pass, then the full gradient."""
+        if self._first_step is None:
+            raise RuntimeError("no graph yet: the step is captured on its first call, step(*batch)")
+        step, gradient = self._first_step
+        return OrderedDict(**step.stages, full_gradient=gradient.gm)
+
+    def explain(self):
+        """A readable account of the rewrite: each pass, what it changed, and the final graph's code."""
+        graphs = self.graphs
+        step = self._first_step[0]
+        counts = {name: sum(1 for n in gm.graph.nodes if n.op == "call_function") for name, gm in graphs.items()}
+        mode = "full-precision SVRG (bits=None)" if self.bits is None else f"{self.bits}-bit HALP"
+        lines = [f"halp_fx training step: {mode}, lr={self.lr}, T={self.T}, mu={self.mu}, "
+                 f"rounding={self.rounding!r}, compile={self.compile}",
+                 f"  captured: the plain SGD step, {counts['captured']} aten ops"]
+        for i, (name, summary) in enumerate(step.summaries.items(), 1):
+            lines.append(f"  {i}. {name}: {summary} ({counts[name]} ops)")
+        lines.append(f"  full_gradient: the recenter's gradient graph, {counts['full_gradient']} ops, writes no buffer")
+        final = list(step.stages)[-1]
+        lines += ["", f"final step graph ({final}):", _readable(graphs[final].code)]
+        return "\n".join(lines)
+
+    def dump(self, directory):
+        """Write every stage's code, and Inductor's output code when compiled, to ``directory``."""
+        os.makedirs(directory, exist_ok=True)
+        written = []
+        for i, (name, gm) in enumerate(self.graphs.items()):
+            written.append(os.path.join(directory, f"{i:02d}_{name}.py"))
+            with open(written[-1], "w") as f:
+                f.write(_readable(gm.code) + "\n")
+        for label, program in zip(("step", "full_gradient"), self._first_step):
+            if program.output_code:
+                written.append(os.path.join(directory, f"inductor_{label}.py"))
+                with open(written[-1], "w") as f:
+                    f.write(program.output_code)
+        return written
+
+    # -- internals -----------------------------------------------------------------------------
+    def _check_batch(self, batch):
+        if self.signature.batch_size is None:
+            self.signature = dataclasses.replace(self.signature, batch_size=len(batch))
+        if len(batch) != self.signature.batch_size:
+            raise ValueError(f"a batch must have {self.signature.batch_size} tensors, like the first one; "
+                             f"got {len(batch)}")
+        if self._first_step is not None:
+            first = self._first_batch_layout
+            layout = [(t.dim(), t.dtype) for t in batch]
+            if layout != first:
+                raise ValueError(f"the batch's structure changed: expected (ndim, dtype) {first}, got {layout}; "
+                                 "only the sizes of a batch may change between steps")
+
+    def _example(self, batch, with_lr):
+        example = list(self.anchor.values()) + list(self.frozen.values()) + list(self.buffers.values()) + list(batch)
+        return example + ([torch.tensor(self.lr, device=self.device)] if with_lr else [])
+
+    def _shape_key(self, batch):
+        return tuple((tuple(t.shape), t.dtype, t.device) for t in batch)
+
+    def _step_program(self, batch):
+        key = self._shape_key(batch)
+        if key not in self._step_programs:
+            captured = capture_training_step(self.model, self.loss_fn, self.signature, self._example(batch, True))
+            stages, summaries = passes.run_passes(
+                captured, passes.halp_passes(self.bits, self.rounding, self.momentum, self.weight_decay))
+            final = list(stages.values())[-1]
+            program = _Program(final, None, False, stages, summaries)
+            if self.compile:
+                program = _Program(final, self._inputs(program, batch), True, stages, summaries)
+            self._step_programs[key] = program
+            if self._first_step is None:
+                self._first_step = (program, self._gradient_program(batch))
+                self._first_batch_layout = [(t.dim(), t.dtype) for t in batch]
+        return self._step_programs[key]
+
+    def _gradient_program(self, batch):
+        key = self._shape_key(batch)
+        if key not in self._gradient_programs:
+            gm = capture_gradient(self.model, self.loss_fn, self.signature, self._example(batch, False))
+            program = _Program(gm, None, False)
+            if self.compile:
+                program = _Program(gm, self._inputs(program, batch), True)
+            self._gradient_programs[key] = program
+        return self._gradient_programs[key]
+
+    def _inputs(self, program, batch, anchor=None):
+        values = []
+        for kind, name in program.input_roles:
+            if kind == "batch":
+                values.append(batch[name])
+            elif kind == "param":
+                values.append((anchor or self.anchor)[name])
+            elif kind == "lr":
+                values.append(torch.tensor(self.lr, dtype=torch.float32, device=self.device))
+            elif kind == "rounding_counter":
+                values.append(self.rounding_counter)
+            else:
+                values.append(self._state(kind)[name])
+        return values
+
+    def _state(self, kind):
+        return {"anchor": self.anchor, "offset": self.offset, "scale": self.scale, "full_grad": self.full_grad,
+                "momentum": self.momentum_buffer, "frozen": self.frozen, "buffer": self.buffers}[kind]
+
+    def _commit(self, results):
+        for (kind, name), value in results.items():
+            if kind in ("offset", "momentum", "buffer"):
+                self._state(kind)[name] = value
+            elif kind == "rounding_counter":
+                self.rounding_counter = value
+
+
+def _readable(code):
+    """Graph code without the ``x = None`` clean-up statements that only free memory."""
+    lines = []
+    for line in code.strip().splitlines():
+        kept = [s for s in line.split(";") if not _is_cleanup(s)]
+        if kept and "".join(kept).strip():
+            lines.append(";".join(kept).rstrip())
+    return "\n".join(lines)
+
+
+def _is_cleanup(statement):
+    statement = statement.strip()
+    return statement.endswith("= None") and all(part.strip().isidentifier() for part in statement[:-len("= None")].split("="))
