@@ -4,8 +4,10 @@
 are float32 anchors plus integer offsets with one scale per tensor.
 """
 from .capture import CaptureError
-from .training_step import NonFiniteError, TrainingStep
+from .checkpoint import load_checkpoint, save_checkpoint
+from .training_step import NonFiniteError, SaturationWarning, TrainingStep
 from .transform import transform
 
-__all__ = ["transform", "TrainingStep", "NonFiniteError", "CaptureError"]
+__all__ = ["transform", "TrainingStep", "NonFiniteError", "SaturationWarning", "CaptureError",
+           "save_checkpoint", "load_checkpoint"]
 __version__ = "0.1.0"

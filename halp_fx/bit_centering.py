@@ -43,6 +43,14 @@ def scale_for(full_grad, mu, bits):
     return torch.linalg.vector_norm(full_grad.float()) / (mu * offset_bounds(bits)[1])
 
 
+def saturated_fraction(offset, bits):
+    """The fraction of a ``bits``-bit offset's entries that sit at the saturation bounds (0 for ``bits=None``)."""
+    if bits is None or offset.numel() == 0:
+        return 0.0
+    low, high = offset_bounds(bits)
+    return float(((offset == low) | (offset == high)).float().mean())
+
+
 def dequantize(anchor, offset, scale):
     """The full-precision weight ``W = A + d * Z``."""
     return anchor + scale * offset.to(anchor.dtype)

@@ -12,6 +12,7 @@ old ``A + d*Z``), so the velocity stays meaningful.
 import copy
 import dataclasses
 import os
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -23,6 +24,10 @@ from .capture import OUTPUT_ROLES, ROLE, capture_gradient, capture_training_step
 
 class NonFiniteError(FloatingPointError):
     """A step's loss or corrected gradient, or a full gradient, was NaN or infinite; no state changed."""
+
+
+class SaturationWarning(UserWarning):
+    """Many offsets sat at the integer bounds during an epoch: mu or lr is too large."""
 
 
 class _Program:
@@ -52,7 +57,8 @@ class TrainingStep:
     """Callable HALP training step over a model; see :func:`halp_fx.transform`."""
 
     def __init__(self, model, loss_fn, data_loader, *, bits, lr, T, mu, momentum, weight_decay,
-                 rounding, compile, on_nonfinite, seed, batch_size):
+                 rounding, compile, on_nonfinite, seed, batch_size,
+                 saturation_warning=0.1):
         self.model, self.loss_fn, self.data_loader = model, loss_fn, data_loader
         self.bits, self.lr, self.mu = bits, lr, mu
         self.momentum, self.weight_decay, self.rounding = momentum, weight_decay, rounding
@@ -74,6 +80,7 @@ class TrainingStep:
         self.steps_since_recenter = 0
         self.recenters = 0
         self.nonfinite_steps = 0
+        self.saturation_warning = saturation_warning
         self._step_programs, self._gradient_programs = {}, {}
         self._first_step = None
 
@@ -126,6 +133,7 @@ class TrainingStep:
             total += examples
         if total == 0:
             raise ValueError("the full gradient saw no batch: data_loader (or batches=) is empty")
+        self._warn_if_saturated()
         for g in full_grad.values():
             g.div_(total)
         if not all(bool(torch.isfinite(g).all()) for g in full_grad.values()):
@@ -157,6 +165,59 @@ class TrainingStep:
             for n, b in self.buffers.items():
                 buffers[n].copy_(b)
         return self.model
+
+    def stats(self):
+        """Per tensor: ``scale`` and ``saturated``, the fraction of offset entries at the integer bounds now."""
+        return OrderedDict((n, {"scale": float(self.scale[n]),
+                                "saturated": bit_centering.saturated_fraction(self.offset[n], self.bits)})
+                           for n in self.anchor)
+
+    def state_dict(self):
+        """Everything needed to continue exactly: per parameter ``<name>.anchor``, ``.offset``, ``.scale``,
+        ``.full_grad`` (and ``.momentum``), ``buffers.<name>``, the rounding counter, the step counters and lr."""
+        state = OrderedDict()
+        for n in self.anchor:
+            state[f"{n}.anchor"], state[f"{n}.offset"] = self.anchor[n], self.offset[n]
+            state[f"{n}.scale"], state[f"{n}.full_grad"] = self.scale[n], self.full_grad[n]
+            if self.momentum:
+                state[f"{n}.momentum"] = self.momentum_buffer[n]
+        for n, b in self.buffers.items():
+            state[f"buffers.{n}"] = b
+        state["rounding_counter"] = self.rounding_counter
+        state.update(steps_since_recenter=self.steps_since_recenter, recenters=self.recenters,
+                     nonfinite_steps=self.nonfinite_steps, lr=self.lr, bits=self.bits)
+        return OrderedDict((k, v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in state.items())
+
+    def load_state_dict(self, state_dict):
+        """Restore a :meth:`state_dict`; a dict from another model or another ``bits`` is an error, and
+        nothing is changed unless every entry fits."""
+        expected = self.state_dict()
+        if state_dict.get("bits", "missing") != self.bits:
+            raise ValueError(f"the state dict was saved with bits={state_dict.get('bits', 'missing')!r}; "
+                             f"this step has bits={self.bits!r}")
+        missing, unexpected = set(expected) - set(state_dict), set(state_dict) - set(expected)
+        if missing or unexpected:
+            raise KeyError(f"the state dict does not fit this model: missing {sorted(missing)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]}")
+        for key, mine in expected.items():
+            theirs = state_dict[key]
+            if isinstance(mine, torch.Tensor) and (
+                    not isinstance(theirs, torch.Tensor) or theirs.shape != mine.shape or theirs.dtype != mine.dtype):
+                got = f"{tuple(theirs.shape)} {theirs.dtype}" if isinstance(theirs, torch.Tensor) else type(theirs).__name__
+                raise ValueError(f"state dict entry {key!r} is {got}; this step needs {tuple(mine.shape)} {mine.dtype}")
+
+        def tensor(key):
+            return state_dict[key].detach().clone().to(self.device)
+        for n in self.anchor:
+            self.anchor[n], self.offset[n] = tensor(f"{n}.anchor"), tensor(f"{n}.offset")
+            self.scale[n], self.full_grad[n] = tensor(f"{n}.scale"), tensor(f"{n}.full_grad")
+            if self.momentum:
+                self.momentum_buffer[n] = tensor(f"{n}.momentum")
+        for n in self.buffers:
+            self.buffers[n] = tensor(f"buffers.{n}")
+        self.rounding_counter = tensor("rounding_counter")
+        self.steps_since_recenter, self.recenters = state_dict["steps_since_recenter"], state_dict["recenters"]
+        self.nonfinite_steps, self.lr = state_dict["nonfinite_steps"], state_dict["lr"]
 
     # -- graphs --------------------------------------------------------------------------------
     @property
@@ -199,6 +260,16 @@ class TrainingStep:
         return written
 
     # -- internals -----------------------------------------------------------------------------
+    def _warn_if_saturated(self):
+        if self.bits is None or self.recenters == 0:
+            return
+        saturated = {n: s["saturated"] for n, s in self.stats().items() if s["saturated"] > self.saturation_warning}
+        if saturated:
+            worst = max(saturated, key=saturated.get)
+            warnings.warn(f"{len(saturated)} tensors ended the epoch with more than {self.saturation_warning:.0%} of "
+                          f"their offsets at the {self.bits}-bit bounds (worst: {worst!r}, {saturated[worst]:.0%}): "
+                          "the grid is too fine for the steps taken; lower mu or lr", SaturationWarning, stacklevel=3)
+
     def _check_batch(self, batch):
         if self.signature.batch_size is None:
             self.signature = dataclasses.replace(self.signature, batch_size=len(batch))

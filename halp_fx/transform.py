@@ -7,7 +7,8 @@ from .training_step import TrainingStep
 
 
 def transform(model, bits=8, *, loss_fn=None, data_loader=None, lr=0.01, T=None, mu=0.1, momentum=0.0,
-              weight_decay=0.0, rounding="stochastic", compile=True, on_nonfinite="raise", seed=0):
+              weight_decay=0.0, rounding="stochastic", compile=True, on_nonfinite="raise", seed=0,
+              saturation_warning=0.1):
     """Capture ``model``'s training step, rewrite it into HALP and compile it.
 
     Args:
@@ -29,6 +30,9 @@ def transform(model, bits=8, *, loss_fn=None, data_loader=None, lr=0.01, T=None,
         on_nonfinite: ``"raise"`` a :class:`NonFiniteError` or ``"skip"`` a step
             whose loss or corrected gradient is NaN/Inf; either way no state changes.
         seed: start of the stochastic-rounding counter.
+        saturation_warning: at each recenter, warn (:class:`SaturationWarning`)
+            when a tensor ended the epoch with more than this fraction of its
+            offsets at the integer bounds.
 
     Returns:
         a :class:`halp_fx.training_step.TrainingStep`; ``step(*batch)`` runs one
@@ -45,6 +49,10 @@ def transform(model, bits=8, *, loss_fn=None, data_loader=None, lr=0.01, T=None,
     rounding = arguments.check_rounding(rounding)
     on_nonfinite = arguments.check_choice("on_nonfinite", on_nonfinite, arguments.ON_NONFINITE)
     data_loader = arguments.check_data_loader(data_loader)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 31:
+        raise ValueError(f"seed must be an int in [0, 2**31); got {seed!r}")
+    if not isinstance(saturation_warning, (int, float)) or not 0 < saturation_warning <= 1:
+        raise ValueError(f"saturation_warning must be a fraction in (0, 1]; got {saturation_warning!r}")
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(output, target), or None; got {type(loss_fn).__name__}")
     if not isinstance(compile, bool):
@@ -55,4 +63,5 @@ def transform(model, bits=8, *, loss_fn=None, data_loader=None, lr=0.01, T=None,
         batch_size = len(arguments.as_batch(next(iter(data_loader))))
     return TrainingStep(model, loss_fn, data_loader, bits=bits, lr=lr, T=T, mu=mu, momentum=momentum,
                         weight_decay=weight_decay, rounding=rounding, compile=compile,
-                        on_nonfinite=on_nonfinite, seed=seed, batch_size=batch_size)
+                        on_nonfinite=on_nonfinite, seed=seed, batch_size=batch_size,
+                        saturation_warning=saturation_warning)
