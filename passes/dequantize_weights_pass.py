@@ -8,8 +8,8 @@ Before::
 After::
 
     def forward(self, anchor_fc_weight, offset_fc_weight, scale_fc_weight, ..., batch_0, batch_1, lr):
-        weight_fc_weight = halp_fx_bit_centering_dequantize(anchor_fc_weight, offset_fc_weight, scale_fc_weight)
-        t = torch.ops.aten.t.default(weight_fc_weight)
+        w_fc_weight = halp_fx_bit_centering_dequantize(anchor_fc_weight, offset_fc_weight, scale_fc_weight)
+        t = torch.ops.aten.t.default(w_fc_weight)
 
 The weight ``W = A + d * Z`` is computed inside the step and never stored.
 """
@@ -42,7 +42,7 @@ class DequantizeWeightsPass(PassBase):
             offset = add_input(graph, ("offset", name), shape, bit_centering.offset_dtype(self.bits), device, after=anchor)
             scale = add_input(graph, ("scale", name), (), torch.float32, device, after=offset)
             weight = insert_call(graph, bit_centering.dequantize, [anchor, offset, scale], {}, first_op,
-                                 f"weight_{param.name}")
+                                 f"w_{param.name}")
             param.replace_all_uses_with(weight)
             graph.erase_node(param)
             weight.meta[ROLE] = ("weight", name)

@@ -3,7 +3,7 @@
 Before::
 
     mul = torch.ops.aten.mul.Tensor(lr, corrected_grad_fc_weight)
-    sub = torch.ops.aten.sub.Tensor(fc_weight, mul)
+    sub = torch.ops.aten.sub.Tensor(w_fc_weight, mul)
     return (view, sub, ...)
 
 After (``bits=8``, stochastic rounding)::

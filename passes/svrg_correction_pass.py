@@ -7,7 +7,7 @@ with ``G`` the full gradient, a new input.
 Before::
 
     mul = torch.ops.aten.mul.Tensor(lr, t_8)
-    sub = torch.ops.aten.sub.Tensor(fc_weight, mul)
+    sub = torch.ops.aten.sub.Tensor(w_fc_weight, mul)
 
 After::
 

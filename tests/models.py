@@ -9,11 +9,13 @@ def mlp(inputs=8, hidden=16, classes=3):
 
 
 class SmallCNN(nn.Module):
-    def __init__(self, classes=3):
+    """Conv (no bias: BatchNorm follows, so a bias would get an exactly-zero gradient) + BatchNorm + linear."""
+
+    def __init__(self, classes=3, channels=4):
         super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4 * 4 * 4, classes)
+        self.conv = nn.Conv2d(1, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        self.fc = nn.Linear(channels * 4 * 4, classes)
 
     def forward(self, x):
         x = F.max_pool2d(F.relu(self.bn(self.conv(x))), 2)
