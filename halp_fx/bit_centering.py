@@ -14,6 +14,8 @@ ROUNDINGS = ("stochastic", "nearest")
 # The multiplier is below 2**27, so no product can overflow int64.
 _MASK32 = 0xFFFFFFFF
 _HASH_MULTIPLIER = 0x45D9F3B
+# The hash maps 0 to 0; offsetting the seed keeps seed 0 from starting the chain at 0.
+_SEED_OFFSET = 0x632BE5AB
 
 
 def offset_dtype(bits):
@@ -67,11 +69,15 @@ def _hash32(x):
 def rounding_key(counter, tensor_index):
     """A 0-d int64 key for one tensor at one step, from the step counter and the tensor's index.
 
-    ``counter`` is a 0-d int64 tensor that advances by one per step; it and the
-    seed it started from are the whole random state of stochastic rounding.
+    ``counter`` is a 0-d int64 tensor: the seed in its high 32 bits, the step in
+    its low 32 bits, advanced by one per step; it is the whole random state of
+    stochastic rounding. The parts are chained through a bijective hash (seed,
+    then step, then tensor), so keys of different (seed, step, tensor) coincide
+    only by chance.
     """
-    mixed = (_hash32(counter & _MASK32) + _hash32((counter >> 32) + tensor_index + 1)) & _MASK32
-    return _hash32(mixed)
+    seed_key = _hash32(((counter >> 32) + _SEED_OFFSET) & _MASK32)
+    step_key = _hash32(seed_key ^ (counter & _MASK32))
+    return _hash32((step_key + tensor_index) & _MASK32)
 
 
 def uniform_noise(like, key):
@@ -106,8 +112,10 @@ def offset_step(offset, scale, direction, lr, bits, rounding, key=None):
     """
     if bits is None:
         return offset - lr * direction
-    inverse_scale = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    moved = offset.to(torch.float32) - lr * direction * inverse_scale
+    # float32 holds every integer only up to 2**24: wider offsets move in float64.
+    work = torch.float64 if bits > 24 else torch.float32
+    inverse_scale = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale)).to(work)
+    moved = offset.to(work) - (lr * direction).to(work) * inverse_scale
     return round_to_grid(moved, bits, rounding, key).to(offset.dtype)
 
 
