@@ -37,11 +37,10 @@ def make_closure(model, loss_fn, data, target):
     return closure
 
 
-def train(model, opt, batches, loss_fn=F.cross_entropy, steps=None, zero_grad=True):
+def train(model, opt, batches, loss_fn=F.cross_entropy):
     losses = []
-    for data, target in batches[:steps]:
-        if zero_grad:
-            opt.zero_grad()
+    for data, target in batches:
+        opt.zero_grad()
         losses.append(opt.step(make_closure(model, loss_fn, data, target)).item())
     return losses
 
@@ -123,7 +122,9 @@ def test_full_gradient_weights_each_batch_by_its_number_of_examples():
 # -- torchhalp's README, BatchNorm and buffers -----------------------------------------------------------
 
 def test_torchhalp_readme_snippet_trains_a_cnn_with_batchnorm():
-    train_loader = classification_data("cnn", samples=48, batch=8)
+    batches = classification_data("cnn", samples=48, batch=8)
+    dataset = torch.utils.data.TensorDataset(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))
+    train_loader = torch.utils.data.DataLoader(dataset, batch_size=8)
     torch.manual_seed(0)
     model = SmallCNN()
     loss_fn = nn.CrossEntropyLoss()

@@ -110,8 +110,7 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
         params = self._trainable()
         anchor_grads = self._gradients_at_anchor(params, closure)
         loss, grads = self._gradients(params, closure)
-        keys = self._rounding_keys()
-        self._update(self._update_arguments(dict(zip(params, grads)), dict(zip(params, anchor_grads)), keys))
+        self._update(self._update_arguments(dict(zip(params, grads)), dict(zip(params, anchor_grads))))
         counters["rounding_counter"].add_(1)
         counters["steps_since_recenter"] += 1
         return loss
@@ -180,8 +179,8 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
         count = sum(len(group["params"]) for group in self.param_groups)
         return bit_centering.rounding_key(counter, torch.arange(count, device=counter.device))
 
-    def _update_arguments(self, grads, anchor_grads, keys):
-        groups, index = [], 0
+    def _update_arguments(self, grads, anchor_grads):
+        groups, index, keys = [], 0, None
         for group in self.param_groups:
             indexed = [(i, p) for i, p in enumerate(group["params"], start=index) if p.requires_grad]
             index += len(group["params"])
@@ -189,6 +188,9 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
                 continue
             params = [p for _, p in indexed]
             bits, rounding = group.get("bits"), "nearest" if group.get("biased") else "stochastic"
+            stochastic = bits is not None and rounding == "stochastic"
+            if stochastic and keys is None:
+                keys = self._rounding_keys()
             states = [self.state[p] for p in params]
             device = params[0].device
             if group["momentum"]:
@@ -203,7 +205,7 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
                 anchor_grads=[anchor_grads[p] for p in params],
                 full_grads=[s["full_grad"] for s in states],
                 momentum_buffers=[s["momentum_buffer"] for s in states] if group["momentum"] else None,
-                keys=keys if bits is not None and rounding == "stochastic" else None,
+                keys=keys if stochastic else None,
                 indices=tuple(i for i, _ in indexed),
                 lr=torch.as_tensor(group["lr"], dtype=torch.float32, device=device),
                 weight_decay=torch.as_tensor(group["weight_decay"], dtype=torch.float32, device=device),
@@ -258,7 +260,7 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
                 warnings.warn(f"{type(self).__name__} found no torch.nn.Module holding its parameters among the names "
                               "the closure uses, so the full-gradient pass and the pass at the anchor may also update "
                               "the model's buffers (BatchNorm running statistics); pass model=model to keep them",
-                              UserWarning, stacklevel=4)
+                              UserWarning)
             return []
         return self._closure_modules
 
