@@ -1,0 +1,238 @@
+"""The training methods compared, behind one small interface the timing loop drives.
+
+A method is built from a fresh model and the epoch's batches; ``start()`` runs
+everything up to and including its first step (capture, passes, Inductor, the
+first full-gradient pass), ``step(i)`` runs one more inner step on batch ``i``
+and returns True when that call also recentered. ``full_gradient_pass()`` (where
+there is one) runs just the recenter. ``state_tensors()`` lists what persists
+between steps, for the bytes-per-parameter figure.
+"""
+import copy
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+import halp_fx
+from halp_fx.capture import capture_gradient, capture_training_step, signature_of
+
+from .torchhalp_reference import TorchhalpStyleHALP
+
+LR = 0.01
+MU = 0.1
+
+
+def loss_fn(output, target):
+    return F.cross_entropy(output, target)
+
+
+class Method:
+    name = ""
+    description = ""
+
+    def __init__(self, model, batches, compile):
+        self.model, self.batches, self.compile = model, batches, compile
+
+    def start(self):
+        raise NotImplementedError
+
+    def step(self, i):
+        raise NotImplementedError
+
+    full_gradient_pass = None
+    forward_backward_pass = None
+
+    def state_tensors(self):
+        raise NotImplementedError
+
+
+class EagerSGD(Method):
+    name = "eager_sgd"
+    description = "torch.optim.SGD, eager forward/backward"
+
+    def start(self):
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LR)
+        self.step(0)
+
+    def step(self, i):
+        x, y = self.batches[i]
+        self.optimizer.zero_grad()
+        loss_fn(self.model(x), y).backward()
+        self.optimizer.step()
+        return False
+
+    def state_tensors(self):
+        tensors = [p for p in self.model.parameters()] + [p.grad for p in self.model.parameters() if p.grad is not None]
+        return tensors + [v for s in self.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+
+
+class CompiledSGD(Method):
+    name = "compiled_sgd"
+    description = "halp_fx.capture.capture_training_step (make_fx) + Inductor compile_fx: the captured plain step"
+
+    def start(self):
+        self.signature = signature_of(self.model, 2)
+        params = dict(self.model.named_parameters())
+        buffers = dict(self.model.named_buffers())
+        self.params = [params[n].detach().clone() for n in self.signature.param_names]
+        self.frozen = [params[n].detach() for n in self.signature.frozen_names]
+        self.buffers = [buffers[n].detach().clone() for n in self.signature.buffer_names]
+        self.lr = torch.tensor(LR, device=self.params[0].device)
+        example = [*self.params, *self.frozen, *self.buffers, *self.batches[0], self.lr]
+        gm = capture_training_step(self.model, loss_fn, self.signature, example)
+        self.fn = _compile(gm, example) if self.compile else gm
+        self.step(0)
+
+    def step(self, i):
+        out = self.fn(*self.params, *self.frozen, *self.buffers, *self.batches[i], self.lr)
+        p = len(self.params)
+        self.params, self.buffers = list(out[1:1 + p]), list(out[1 + p:])
+        return False
+
+    def forward_backward_pass(self):
+        """The reference for a full-gradient pass: the compiled gradient graph over every batch, nothing kept."""
+        if not hasattr(self, "gradient_fn"):
+            example = [*self.params, *self.frozen, *self.buffers, *self.batches[0]]
+            gm = capture_gradient(self.model, loss_fn, self.signature, example)
+            self.gradient_fn = _compile(gm, example) if self.compile else gm
+        for batch in self.batches:
+            self.gradient_fn(*self.params, *self.frozen, *self.buffers, *batch)
+
+    def state_tensors(self):
+        return list(self.params)
+
+
+class TorchhalpEager(Method):
+    name = "torchhalp_eager"
+    description = "eager float32 HALP simulation written the torchhalp way (benchmarks/torchhalp_reference.py), 8 bits"
+
+    def start(self):
+        self.optimizer = TorchhalpStyleHALP(self.model.parameters(), lr=LR, T=len(self.batches),
+                                            data_loader=self.batches, mu=MU, bits=8)
+        self.step(0)
+
+    def _closure(self, i):
+        model = self.model
+
+        def closure(data=self.batches[i][0], target=self.batches[i][1]):
+            loss = loss_fn(model(data), target)
+            loss.backward()
+            return loss
+        return closure
+
+    def step(self, i):
+        before = self.optimizer.recenters
+        self.optimizer.step(self._closure(i))
+        return self.optimizer.recenters != before
+
+    def full_gradient_pass(self):
+        self.optimizer.recenter(self._closure(0))
+
+    def state_tensors(self):
+        return self.optimizer.state_tensors() + [p.grad for p in self.model.parameters() if p.grad is not None]
+
+
+class Transformed(Method):
+    """``halp_fx.transform``: the captured step rewritten by the HALP passes, compiled with Inductor."""
+    bits = 8
+
+    def start(self):
+        self.halp_step = halp_fx.transform(self.model, bits=self.bits, loss_fn=loss_fn, data_loader=self.batches,
+                                           lr=LR, mu=MU, compile=self.compile)
+        self.step(0)
+
+    def step(self, i):
+        before = self.halp_step.recenters
+        self.halp_step(*self.batches[i])
+        return self.halp_step.recenters != before
+
+    def full_gradient_pass(self):
+        self.halp_step.recenter()
+
+    def state_tensors(self):
+        s = self.halp_step
+        return [t for d in (s.anchor, s.offset, s.scale, s.full_grad, s.momentum_buffer) for t in d.values()] + [
+            s.rounding_counter]
+
+
+class CompiledSVRG(Transformed):
+    name = "compiled_svrg"
+    description = "halp_fx.transform(bits=None): full-precision SVRG through the same graphs"
+    bits = None
+
+
+class CompiledHALP8(Transformed):
+    name = "compiled_halp8"
+    description = "halp_fx.transform(bits=8), stochastic rounding"
+    bits = 8
+
+
+class CompiledHALP4(Transformed):
+    name = "compiled_halp4"
+    description = "halp_fx.transform(bits=4), stochastic rounding"
+    bits = 4
+
+
+class OptimHALP(Method):
+    name = "optim_halp"
+    description = "halp_fx.optim.HALP (torch.optim-style, closure API, torch.compile'd update), 8 bits"
+
+    def start(self):
+        from halp_fx.optim import HALP
+        self.optimizer = HALP(self.model.parameters(), lr=LR, T=len(self.batches), data_loader=self.batches,
+                              mu=MU, bits=8, model=self.model, compile=self.compile)
+        self.first = next(p for p in self.model.parameters() if p.requires_grad)
+        self.step(0)
+
+    def _closure(self, i):
+        model = self.model
+
+        def closure(data=self.batches[i][0], target=self.batches[i][1]):
+            loss = loss_fn(model(data), target)
+            loss.backward()
+            return loss
+        return closure
+
+    def step(self, i):
+        counters = self.optimizer.state[self.first]
+        recenters = "steps_since_recenter" not in counters or counters["steps_since_recenter"] >= self.optimizer.T
+        self.optimizer.step(self._closure(i))
+        return recenters
+
+    def state_tensors(self):
+        tensors = [p for p in self.model.parameters()] + [p.grad for p in self.model.parameters() if p.grad is not None]
+        return tensors + [v for s in self.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+
+
+def optim_halp_available():
+    """None when ``from halp_fx.optim import HALP`` works, else why not."""
+    try:
+        from halp_fx.optim import HALP  # noqa: F401
+    except Exception as error:  # any import failure means: skip the method, say why
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+METHODS = {m.name: m for m in (EagerSGD, CompiledSGD, TorchhalpEager, CompiledSVRG, CompiledHALP8, CompiledHALP4,
+                               OptimHALP)}
+
+
+def _compile(gm, example):
+    from torch._inductor.compile_fx import compile_fx
+    return compile_fx(copy.deepcopy(gm), example)
+
+
+def state_bytes(tensors):
+    """Sum of ``nbytes`` over distinct storages, so aliases (``p.grad`` pointing at a buffer) count once."""
+    seen, total = set(), 0
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def quiet_halp_warnings():
+    """Random labels and a fixed lr saturate some offsets; the warning says nothing about speed."""
+    warnings.filterwarnings("ignore", category=halp_fx.SaturationWarning)

@@ -1,0 +1,104 @@
+"""The benchmark command runs and writes a complete report; no timing is asserted.
+
+It runs once, on the smallest configuration, with ``--no-inductor`` so that the
+graphs run eagerly: this checks the harness (every method, the interleaved
+rounds, the warm subprocess, the JSON), not the speed, in well under a minute.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ["eager_sgd", "compiled_sgd", "torchhalp_eager", "compiled_svrg", "compiled_halp8", "compiled_halp4",
+           "optim_halp"]
+HALP_LIKE = ["torchhalp_eager", "compiled_svrg", "compiled_halp8", "compiled_halp4", "optim_halp"]
+IN_SUBPROCESS = ["torchhalp_eager", "compiled_halp8"]  # each subprocess costs a torch import
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("benchmarks")
+    out = tmp / "report.json"
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--quick", "--no-inductor",
+               "--threads", "1", "--methods", *METHODS, "--first-call-methods", *IN_SUBPROCESS, "--cache-dir", str(tmp / "cache"), "--json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return json.loads(out.read_text()), done.stdout
+
+
+def ran(report):
+    return [m for m in METHODS if m not in report["skipped"]]
+
+
+def test_report_records_the_machine(report):
+    meta = report[0]["meta"]
+    for field in ("torch", "cpu", "threads", "device", "python", "inductor", "load_average_at_start", "duration_s"):
+        assert field in meta
+    assert meta["threads"] == 1 and meta["device"] == "cpu" and meta["inductor"] is False
+
+
+def test_quick_runs_one_model_at_one_batch_size(report):
+    (group,) = report[0]["results"]
+    assert (group["model"], group["batch_size"]) == ("logreg", 8)
+    assert group["trainable_parameters"] == 64 * 10 + 10
+
+
+def test_every_method_ran_or_says_why_not(report):
+    report = report[0]
+    assert set(ran(report)) >= set(METHODS) - {"optim_halp"}
+    methods = report["results"][0]["methods"]
+    for name in ran(report):
+        assert "error" not in methods[name], methods[name]["error"]
+
+
+def test_every_method_has_positive_timings(report):
+    methods = report[0]["results"][0]["methods"]
+    for name in ran(report[0]):
+        m = methods[name]
+        for figure in ("inner_step_s", "epoch_s", "first_call_in_process_s"):
+            assert m[figure] > 0, (name, figure)
+        assert len(m["inner_step_s_rounds"]) == len(m["epoch_s_rounds"]) == 2
+
+
+def test_halp_methods_time_their_full_gradient_pass(report):
+    group = report[0]["results"][0]
+    assert group["compiled_fwd_bwd_pass_s"] > 0
+    for name in HALP_LIKE:
+        if name in ran(report[0]):
+            assert group["methods"][name]["full_grad_pass_s"] > 0, name
+
+
+def test_state_bytes_per_parameter(report):
+    methods = report[0]["results"][0]["methods"]
+    assert methods["compiled_sgd"]["state_bytes_per_param"] == pytest.approx(4.0)
+    assert methods["torchhalp_eager"]["state_bytes_per_param"] == pytest.approx(24.0)
+    # anchor 4 + int8 offset 1 + full gradient 4, plus one float32 scale per tensor and the rounding counter
+    assert 9.0 <= methods["compiled_halp8"]["state_bytes_per_param"] < 9.1
+
+
+def test_warm_subprocess_reports_first_call_and_peak_memory(report):
+    methods = report[0]["results"][0]["methods"]
+    for name in ran(report[0]):
+        if name not in IN_SUBPROCESS:
+            assert "first_call_warm" not in methods[name]
+            continue
+        warm = methods[name]["first_call_warm"]
+        assert "error" not in warm, warm
+        assert warm["first_call_s"] > 0 and warm["peak_rss_mib"] >= warm["baseline_rss_mib"] > 0
+        assert "first_call_cold" not in methods[name]
+
+
+def test_ratios_and_targets_are_reported(report):
+    group = report[0]["results"][0]
+    for key in ("halp8_over_compiled_sgd_inner", "torchhalp_over_halp8_inner",
+                "compiled_halp8_full_grad_over_compiled_fwd_bwd"):
+        assert group["ratios"][key] > 0
+    assert {t["target"] for t in report[0]["targets"]} >= {"state <= 9 bytes/param at bits=8"}
+
+
+def test_table_is_printed(report):
+    stdout = report[1]
+    assert "inner ms" in stdout and "compiled_halp8" in stdout and "Targets (reported, not asserted)" in stdout
