@@ -67,8 +67,9 @@ def _hash32(x):
 
 
 def rounding_key(counter, tensor_index):
-    """A 0-d int64 key for one tensor at one step, from the step counter and the tensor's index.
+    """An int64 key for one tensor at one step, from the step counter and the tensor's index.
 
+    ``tensor_index`` may be an int64 tensor of indices; the keys broadcast.
     ``counter`` is a 0-d int64 tensor: the seed in its high 32 bits, the step in
     its low 32 bits, advanced by one per step; it is the whole random state of
     stochastic rounding. The parts are chained through a bijective hash (seed,
@@ -78,6 +79,16 @@ def rounding_key(counter, tensor_index):
     seed_key = _hash32(((counter >> 32) + _SEED_OFFSET) & _MASK32)
     step_key = _hash32(seed_key ^ (counter & _MASK32))
     return _hash32((step_key + tensor_index) & _MASK32)
+
+
+def rounding_keys(counter, count, device=None):
+    """The keys of ``count`` tensors at the step ``counter`` (a Python int), as one int64 vector.
+
+    Computed outside the compiled step on purpose: inside it, Inductor folds the
+    chained hash into every element's expression and compiling takes minutes.
+    """
+    counter = torch.tensor(counter, dtype=torch.int64, device=device)
+    return rounding_key(counter, torch.arange(count, dtype=torch.int64, device=device))
 
 
 def uniform_noise(like, key):

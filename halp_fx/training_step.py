@@ -76,7 +76,7 @@ class TrainingStep:
         self.frozen = OrderedDict((n, params[n].detach()) for n in self.signature.frozen_names)
         buffers = dict(model.named_buffers())
         self.buffers = OrderedDict((n, buffers[n].detach().clone()) for n in self.signature.buffer_names)
-        self.rounding_counter = torch.tensor(int(seed) << 32, dtype=torch.int64, device=self.device)
+        self.rounding_counter = int(seed) << 32  # seed in the high bits, steps taken in the low bits
         self.steps_since_recenter = 0
         self.recenters = 0
         self.nonfinite_steps = 0
@@ -106,6 +106,7 @@ class TrainingStep:
                     "changed. Lower lr, check the batch for NaN/Inf, or pass on_nonfinite='skip'.")
             return results[("loss", None)]
         self._commit(results)
+        self.rounding_counter += 1
         self.steps_since_recenter += 1
         return results[("loss", None)]
 
@@ -183,8 +184,8 @@ class TrainingStep:
                 state[f"{n}.momentum"] = self.momentum_buffer[n]
         for n, b in self.buffers.items():
             state[f"buffers.{n}"] = b
-        state["rounding_counter"] = self.rounding_counter
-        state.update(steps_since_recenter=self.steps_since_recenter, recenters=self.recenters,
+        state.update(rounding_counter=self.rounding_counter, steps_since_recenter=self.steps_since_recenter,
+                     recenters=self.recenters,
                      nonfinite_steps=self.nonfinite_steps, lr=self.lr, bits=self.bits)
         return OrderedDict((k, v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in state.items())
 
@@ -215,7 +216,7 @@ class TrainingStep:
                 self.momentum_buffer[n] = tensor(f"{n}.momentum")
         for n in self.buffers:
             self.buffers[n] = tensor(f"buffers.{n}")
-        self.rounding_counter = tensor("rounding_counter")
+        self.rounding_counter = state_dict["rounding_counter"]
         self.steps_since_recenter, self.recenters = state_dict["steps_since_recenter"], state_dict["recenters"]
         self.nonfinite_steps, self.lr = state_dict["nonfinite_steps"], state_dict["lr"]
 
@@ -325,8 +326,8 @@ class TrainingStep:
                 values.append((anchor or self.anchor)[name])
             elif kind == "lr":
                 values.append(torch.tensor(self.lr, dtype=torch.float32, device=self.device))
-            elif kind == "rounding_counter":
-                values.append(self.rounding_counter)
+            elif kind == "rounding_keys":
+                values.append(bit_centering.rounding_keys(self.rounding_counter, len(self.anchor), self.device))
             else:
                 values.append(self._state(kind)[name])
         return values
@@ -339,8 +340,6 @@ class TrainingStep:
         for (kind, name), value in results.items():
             if kind in ("offset", "momentum", "buffer"):
                 self._state(kind)[name] = value
-            elif kind == "rounding_counter":
-                self.rounding_counter = value
 
 
 def _readable(code):

@@ -8,15 +8,16 @@ Before::
 
 After (``bits=8``, stochastic rounding)::
 
-    key_fc_weight = halp_fx_bit_centering_rounding_key(rounding_counter, 0)
+    key_fc_weight = torch.ops.aten.select.int(rounding_keys, 0, 0)
     new_offset_fc_weight = halp_fx_bit_centering_offset_step(offset_fc_weight, scale_fc_weight,
         corrected_grad_fc_weight, lr, bits = 8, rounding = 'stochastic', key = key_fc_weight)
-    return (view, new_offset_fc_weight, ..., next_rounding_counter)
+    return (view, new_offset_fc_weight, ...)
 
 Weight decay (on the full weight W) and momentum (a float32 buffer, a new input
 and output) add a node each before the offset step. The arithmetic is
 :mod:`halp_fx.bit_centering`'s; stochastic rounding adds one input,
-``rounding_counter``, and returns it advanced by one.
+``rounding_keys``, one int64 key per tensor, made by the runtime each step
+from its rounding counter (:func:`halp_fx.bit_centering.rounding_keys`).
 """
 import logging
 
@@ -26,14 +27,10 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from halp_fx import bit_centering
 from halp_fx.capture import identifier
 
-from .graph_edit import (add_input, append_output, device_of, finish, insert_call, output_node, outputs,
+from .graph_edit import (add_input, append_output, device_of, finish, insert_call, outputs,
                          placeholders, set_output)
 
 log = logging.getLogger(__name__)
-
-
-def advance_counter(counter):
-    return counter + 1
 
 
 class OffsetUpdatePass(PassBase):
@@ -49,8 +46,9 @@ class OffsetUpdatePass(PassBase):
         offsets, scales = placeholders(graph, "offset"), placeholders(graph, "scale")
         lr = placeholders(graph, "lr")[None]
         stochastic = self.bits is not None and self.rounding == "stochastic"
-        counter = add_input(graph, ("rounding_counter", None), (), torch.int64, device) if stochastic else None
-        for index, (name, (position, update)) in enumerate(outputs(graph, "param").items()):
+        params = outputs(graph, "param")
+        keys = add_input(graph, ("rounding_keys", None), (len(params),), torch.int64, device) if stochastic else None
+        for index, (name, (position, update)) in enumerate(params.items()):
             label = identifier(name)
             weight, scaled = update.args
             direction = scaled.args[1]
@@ -64,16 +62,13 @@ class OffsetUpdatePass(PassBase):
                 append_output(graph, direction, ("momentum", name))
             kwargs = {"bits": self.bits, "rounding": self.rounding}
             if stochastic:
-                kwargs["key"] = insert_call(graph, bit_centering.rounding_key, [counter, index], {}, update,
+                kwargs["key"] = insert_call(graph, torch.ops.aten.select.int, [keys, 0, index], {}, update,
                                             f"key_{label}")
             new_offset = insert_call(graph, bit_centering.offset_step,
                                      [offsets[name], scales[name], direction, lr], kwargs, update,
                                      f"new_offset_{label}")
             set_output(graph, position, new_offset, ("offset", name))
             self.rewritten += 1
-        if stochastic:
-            advanced = insert_call(graph, advance_counter, [counter], {}, output_node(graph), "next_rounding_counter")
-            append_output(graph, advanced, ("rounding_counter", None))
         return PassResult(finish(gm), self.rewritten > 0)
 
     def summary(self):

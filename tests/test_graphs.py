@@ -215,19 +215,19 @@ class TestGoldenStochasticMomentumGraph(expecttest.TestCase):
                                  compile=False)
         step(torch.randn(4, 2), torch.randn(4, 1))
         update = [line for line in graph_code(step.graphs["offset_update"]).splitlines()
-                  if "halp_fx" in line or "return" in line]
+                  if "halp_fx" in line or "rounding_keys" in line or "return" in line]
         self.assertExpectedInline("\n".join(update), """\
+def forward(self, anchor_weight, offset_weight, scale_weight, anchor_bias, offset_bias, scale_bias, batch_0, batch_1, lr, full_grad_weight, full_grad_bias, rounding_keys, momentum_weight, momentum_bias):
     w_weight = halp_fx_bit_centering_dequantize(anchor_weight, offset_weight, scale_weight)
     w_bias = halp_fx_bit_centering_dequantize(anchor_bias, offset_bias, scale_bias)
     corrected_grad_weight = halp_fx_bit_centering_svrg_corrected(t_3, t_7, full_grad_weight)
     decayed_grad_weight = halp_fx_bit_centering_with_weight_decay(corrected_grad_weight, w_weight, weight_decay = 0.0001)
     new_momentum_weight = halp_fx_bit_centering_momentum_step(momentum_weight, decayed_grad_weight, momentum = 0.9)
-    key_weight = halp_fx_bit_centering_rounding_key(rounding_counter, 0)
+    key_weight = torch.ops.aten.select.int(rounding_keys, 0, 0)
     new_offset_weight = halp_fx_bit_centering_offset_step(offset_weight, scale_weight, new_momentum_weight, lr, bits = 4, rounding = 'stochastic', key = key_weight)
     corrected_grad_bias = halp_fx_bit_centering_svrg_corrected(view_2, view_5, full_grad_bias)
     decayed_grad_bias = halp_fx_bit_centering_with_weight_decay(corrected_grad_bias, w_bias, weight_decay = 0.0001)
     new_momentum_bias = halp_fx_bit_centering_momentum_step(momentum_bias, decayed_grad_bias, momentum = 0.9)
-    key_bias = halp_fx_bit_centering_rounding_key(rounding_counter, 1)
+    key_bias = torch.ops.aten.select.int(rounding_keys, 0, 1)
     new_offset_bias = halp_fx_bit_centering_offset_step(offset_bias, scale_bias, new_momentum_bias, lr, bits = 4, rounding = 'stochastic', key = key_bias)
-    next_rounding_counter = halp_fx_passes_offset_update_pass_advance_counter(rounding_counter)
-    return (view, new_offset_weight, new_offset_bias, new_momentum_weight, new_momentum_bias, next_rounding_counter)""")
+    return (view, new_offset_weight, new_offset_bias, new_momentum_weight, new_momentum_bias)""")
