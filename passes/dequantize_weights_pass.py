@@ -52,4 +52,5 @@ class DequantizeWeightsPass(PassBase):
 
     def summary(self):
         return (f"{self.rewritten} parameters now enter as anchor (float32), offset "
-                f"({bit_centering.offset_dtype(self.bits)}) and scale; W = anchor + scale * offset")
+                f"({str(bit_centering.offset_dtype(self.bits)).replace('torch.', '')}) and scale; "
+                "W = anchor + scale * offset")
