@@ -208,3 +208,10 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         halp_fx.save_checkpoint({"version": torch.tensor(2)}, path)
     assert int(halp_fx.load_checkpoint(path)["version"]) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["step.pt"]
+
+
+def test_parameters_on_several_devices_are_refused():
+    model = mlp()
+    model[2].to("meta")
+    with pytest.raises(ValueError, match="several devices \\(cpu, meta\\).*model.to"):
+        halp_fx.transform(model, 8)
