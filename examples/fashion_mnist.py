@@ -1,0 +1,175 @@
+"""LeNet-5 on Fashion-MNIST: SGD, 8-bit SGD, SVRG and HALP at 8 and 4 bits.
+
+Reads the four IDX files (gzipped or not) from ``--data``, by default where
+Debian's ``dataset-fashion-mnist`` package puts them. The defaults train on a
+fixed random subset of the training set so the whole comparison runs in a few
+minutes on a CPU; ``--train-size 60000`` uses all of it.
+
+    sudo apt-get install dataset-fashion-mnist
+    python examples/fashion_mnist.py
+"""
+import argparse
+import gzip
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import halp_fx
+from common import LowPrecisionSGD, optimizer_step, plot_curves, print_table, write_csv
+
+FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=str, default="/usr/share/datasets/fashion-mnist",
+                        help="directory of the IDX files (default: /usr/share/datasets/fashion-mnist)")
+    parser.add_argument("--train-size", type=int, default=10000,
+                        help="training images, a multiple of the batch size (default: 10000 of 60000)")
+    parser.add_argument("--test-size", type=int, default=10000, help="test images (default: all 10000)")
+    parser.add_argument("--epochs", type=int, default=8, help="passes over the training subset (default: 8)")
+    parser.add_argument("--batch-size", type=int, default=100, help="batch size (default: 100)")
+    parser.add_argument("--lr", type=float, default=0.05, help="step size of every method (default: 0.05)")
+    parser.add_argument("--T", type=int, default=None, help="steps between recenters (default: one epoch)")
+    parser.add_argument("--mu", type=float, default=2.0, help="mu of HALP 8-bit (default: 2)")
+    parser.add_argument("--mu4", type=float, default=2.0, help="mu of HALP 4-bit (default: 2)")
+    parser.add_argument("--lp-range-factor", type=float, default=4.0,
+                        help="LP-SGD's fixed grid of each tensor covers this many times its largest initial "
+                             "magnitude (default: 4)")
+    parser.add_argument("--compile", action="store_true", help="compile the HALP/SVRG graphs with Inductor")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the subset, weights and batch order")
+    parser.add_argument("--out", type=str, default="results/fashion_mnist", help="output directory")
+    return parser.parse_args(argv)
+
+
+class LeNet5(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 5, padding=2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.relu(self.fc1(x.flatten(1)))
+        return self.fc3(F.relu(self.fc2(x)))
+
+
+def find(directory, name):
+    for candidate in (name, name + ".gz"):
+        if os.path.exists(os.path.join(directory, candidate)):
+            return os.path.join(directory, candidate)
+    return None
+
+
+def read_idx(path):
+    """An IDX file as a numpy array: 2 zero bytes, a type byte (8 = uint8), the rank, big-endian sizes, data."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        data = f.read()
+    if data[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes")
+    rank = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(rank))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * rank).reshape(shape)
+
+
+def load_split(directory, split):
+    images, labels = (read_idx(find(directory, name)) for name in FILES[split])
+    return torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 255, torch.tensor(labels, dtype=torch.int64)
+
+
+@torch.no_grad()
+def evaluate(model, x, y, batch_size=1000):
+    """(mean cross-entropy, accuracy in %) over (x, y)."""
+    model.eval()
+    logits = torch.cat([model(x[i:i + batch_size]) for i in range(0, len(y), batch_size)])
+    model.train()
+    return float(F.cross_entropy(logits, y)), 100 * float((logits.argmax(1) == y).float().mean())
+
+
+def train(name, make_step, train_data, test_data, args):
+    """Train a fresh LeNet-5 with ``make_step(model)``; return (curve rows, summary row)."""
+    torch.manual_seed(args.seed)
+    step = make_step(LeNet5())
+    (x, y), n = train_data, len(train_data[1])
+    order = torch.Generator().manual_seed(args.seed)
+    rows, seconds, first_step = [], 0.0, None
+    for epoch in range(1, args.epochs + 1):
+        start = time.perf_counter()
+        permutation = torch.randperm(n, generator=order)
+        for i in tqdm(range(0, n - args.batch_size + 1, args.batch_size), desc=f"{name} epoch {epoch}", leave=False):
+            batch = permutation[i:i + args.batch_size]
+            step(x[batch], y[batch])
+            if first_step is None:
+                first_step = time.perf_counter() - start
+        seconds += time.perf_counter() - start
+        train_loss, _ = evaluate(step.sync_model(), x, y)
+        test_loss, test_accuracy = evaluate(step.sync_model(), *test_data)
+        rows.append({"method": name, "epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
+                     "test_accuracy": test_accuracy, "seconds": seconds})
+    summary = {"method": name, "test_accuracy": rows[-1]["test_accuracy"], "train_loss": rows[-1]["train_loss"],
+               "seconds": seconds, "first_step_seconds": first_step}
+    return rows, summary
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    missing = [name for names in FILES.values() for name in names if find(args.data, name) is None]
+    if missing:
+        sys.exit(f"Fashion-MNIST not found in {args.data} (no {missing[0]}[.gz]): run `apt-get install "
+                 "dataset-fashion-mnist` or pass --data DIR with the IDX files from "
+                 "https://github.com/zalandoresearch/fashion-mnist")
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    x, y = load_split(args.data, "train")
+    subset = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))[:args.train_size]
+    train_data = x[subset], y[subset]
+    test_data = tuple(t[:args.test_size] for t in load_split(args.data, "test"))
+    x, y = train_data
+    # The full gradient's batches: the training subset in a fixed order, all of one shape.
+    batches = [(x[i:i + args.batch_size], y[i:i + args.batch_size]) for i in range(0, len(y), args.batch_size)]
+    print(f"fashion-mnist: {len(y)} train / {len(test_data[1])} test images, {len(batches)} batches of "
+          f"{args.batch_size}")
+
+    def halp(bits, mu):
+        return lambda model: halp_fx.transform(model, bits, loss_fn=F.cross_entropy, data_loader=batches, lr=args.lr,
+                                               T=args.T, mu=mu, compile=args.compile)
+
+    def sgd(model):
+        return optimizer_step(model, torch.optim.SGD(model.parameters(), lr=args.lr), F.cross_entropy)
+
+    def lp_sgd(model):
+        optimizer = LowPrecisionSGD(model.parameters(), args.lr, bits=8, range_factor=args.lp_range_factor)
+        return optimizer_step(model, optimizer, F.cross_entropy)
+
+    methods = [("SGD", sgd), ("LP-SGD 8-bit", lp_sgd), ("SVRG", halp(None, args.mu)),
+               ("HALP 8-bit", halp(8, args.mu)), ("HALP 4-bit", halp(4, args.mu4))]
+    curves, table = [], []
+    for name, make_step in methods:
+        rows, summary = train(name, make_step, train_data, test_data, args)
+        curves += rows
+        table.append(summary)
+    print_table(table)
+    write_csv(os.path.join(args.out, "summary.csv"), table)
+    write_csv(os.path.join(args.out, "curves.csv"), curves)
+    plot_curves(os.path.join(args.out, "curves.png"), curves, "epoch",
+                [("train_loss", "training loss", True), ("test_accuracy", "test accuracy (%)", False)],
+                f"LeNet-5 on Fashion-MNIST ({len(y)} train), batch {args.batch_size}, lr={args.lr}, "
+                f"mu={args.mu:g} / {args.mu4:g}")
+    print(f"wrote {args.out}/curves.png, curves.csv and summary.csv")
+    return table
+
+
+if __name__ == "__main__":
+    main()
