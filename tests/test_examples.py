@@ -1,0 +1,125 @@
+"""Smoke tests of the examples: each runs its real code path (training, table, CSV, plot) at a tiny size."""
+import csv
+import gzip
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+sys.path.insert(0, EXAMPLES)
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """The examples set torch's thread count for their own process; give the other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def assert_curves(out, columns, methods, points_per_method, plot="curves.png"):
+    header, rows = read_csv(os.path.join(out, "curves.csv"))
+    assert header == columns
+    assert list(dict.fromkeys(r["method"] for r in rows)) == methods
+    assert all(sum(r["method"] == m for r in rows) == points_per_method for m in methods)
+    assert all(np.isfinite(float(r[c])) for r in rows for c in columns[2:])
+    assert os.path.getsize(os.path.join(out, plot)) > 1000
+
+
+CLASSIFIERS = ["SGD", "LP-SGD 8-bit", "SVRG", "HALP 8-bit", "HALP 4-bit"]
+CLASSIFIER_CURVES = ["method", "epoch", "train_loss", "test_loss", "test_accuracy", "seconds"]
+
+
+def test_regression_writes_distance_curves_for_four_methods(tmp_path):
+    import regression
+    regression.main(["--samples", "20", "--epochs", "2", "--out", str(tmp_path)])
+    assert_curves(tmp_path, ["method", "iteration", "distance"], ["SGD", "LP-SGD 8-bit", "SVRG", "HALP 8-bit"], 40,
+                  plot="distance.png")
+    header, rows = read_csv(tmp_path / "summary.csv")
+    assert header == ["method", "final_distance", "best_distance", "seconds"] and len(rows) == 4
+
+
+def test_regression_mu_sweep_writes_one_row_per_mu(tmp_path):
+    import regression
+    regression.main(["--samples", "10", "--epochs", "1", "--sweep-mu", "1,4", "--out", str(tmp_path)])
+    header, rows = read_csv(tmp_path / "mu_sweep.csv")
+    assert header == ["mu", "final_distance", "iterations_to_1e-3"]
+    assert [float(r["mu"]) for r in rows] == [1.0, 4.0]
+
+
+def test_digits_compares_five_methods_and_dumps_the_halp_graphs(tmp_path):
+    import digits
+    digits.main(["--epochs", "1", "--train-size", "100", "--batch-size", "50", "--out", str(tmp_path)])
+    assert_curves(tmp_path, CLASSIFIER_CURVES, CLASSIFIERS, 1)
+    header, rows = read_csv(tmp_path / "summary.csv")
+    assert header == ["method", "test_accuracy", "train_loss", "seconds", "first_step_seconds"]
+    assert [r["method"] for r in rows] == CLASSIFIERS
+    dumped = sorted(os.listdir(tmp_path / "halp8_graphs"))
+    assert dumped[0] == "00_captured.py" and "04_nonfinite_guard.py" in dumped
+
+
+def write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_reads_gzipped_idx_files(tmp_path):
+    import fashion_mnist
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, n in (("train", 200), ("t10k", 100)):
+        write_idx(data / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(data / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    out = tmp_path / "out"
+    fashion_mnist.main(["--data", str(data), "--train-size", "200", "--epochs", "1", "--out", str(out)])
+    assert_curves(out, CLASSIFIER_CURVES, CLASSIFIERS, 1)
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST), reason="apt-get install dataset-fashion-mnist to run it")
+def test_fashion_mnist_trains_on_the_installed_dataset(tmp_path):
+    import fashion_mnist
+    fashion_mnist.main(["--train-size", "200", "--test-size", "500", "--epochs", "1", "--out", str(tmp_path)])
+    assert_curves(tmp_path, CLASSIFIER_CURVES, CLASSIFIERS, 1)
+
+
+def test_fashion_mnist_without_data_says_how_to_get_it_in_one_line(tmp_path):
+    import fashion_mnist
+    with pytest.raises(SystemExit) as exit_info:
+        fashion_mnist.main(["--data", str(tmp_path), "--out", str(tmp_path / "out")])
+    message = str(exit_info.value.code)
+    assert "apt-get install dataset-fashion-mnist" in message and "--data" in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_char_lstm_reports_perplexity_per_method(tmp_path):
+    import char_lstm
+    char_lstm.main(["--seq-len", "4", "--batch-size", "4", "--train-batches", "2", "--val-batches", "1",
+                    "--hidden", "8", "--epochs", "2", "--out", str(tmp_path)])
+    assert_curves(tmp_path, ["method", "epoch", "train_perplexity", "val_perplexity", "seconds"],
+                  ["SGD", "LP-SGD 8-bit", "SVRG", "HALP 8-bit"], 2)
+
+
+def test_cifar10_resnet18_trains_and_logs_on_synthetic_data(tmp_path):
+    import cifar10_resnet18
+    rows = cifar10_resnet18.main(["--synthetic", "--synthetic-size", "32", "--batch-size", "16", "--epochs", "1",
+                                  "--width", "4", "--T", "2", "--no-compile", "--out", str(tmp_path),
+                                  "--checkpoint", str(tmp_path / "checkpoint.pt")])
+    assert_curves(tmp_path, ["method", "epoch", "train_loss", "test_accuracy", "seconds"], ["HALP 8-bit"], 1)
+    assert rows[-1]["epoch"] == 1 and (tmp_path / "checkpoint.pt").exists()
