@@ -151,8 +151,9 @@ class Transformed(Method):
 
     def state_tensors(self):
         s = self.halp_step
-        return [t for d in (s.anchor, s.offset, s.scale, s.full_grad, s.momentum_buffer) for t in d.values()] + [
-            s.rounding_counter]
+        tensors = [t for d in (s.anchor, s.offset, s.scale, s.full_grad, s.momentum_buffer) for t in d.values()]
+        # The rounding counter was a tensor in earlier versions of the core; it is a Python int now.
+        return tensors + [t for t in [getattr(s, "rounding_counter", None)] if isinstance(t, torch.Tensor)]
 
 
 class CompiledSVRG(Transformed):
