@@ -283,6 +283,7 @@ def worker(args):
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    resident_before = resident_mib()
     method = METHODS[name](model, batches, compile=not args.no_inductor)
     sync()
     start = time.perf_counter()
@@ -294,9 +295,20 @@ def worker(args):
     sync()
     result = {"first_call_s": first_call, "baseline_rss_mib": baseline_kib / 1024,
               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if resident_before is not None:
+        result["retained_rss_mib"] = resident_mib() - resident_before
     if args.device == "cuda":
         result["peak_cuda_allocated_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
     print(WORKER_MARK + json.dumps(result), flush=True)
+
+
+def resident_mib():
+    """The resident set now (Linux /proc), not the high-water mark: what a method keeps after its epoch."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def spawn_worker(args, model_name, batch_size, name, cache_dir):
@@ -387,7 +399,7 @@ def rss_growth(worker_result):
 
 def print_table(results, targets):
     header = (f"{'model':8s} {'batch':>5s} {'method':16s} {'inner ms':>9s} {'epoch ms':>9s} {'fullgrad ms':>11s} "
-              f"{'1st call s':>10s} {'cold s':>8s} {'warm s':>8s} {'B/param':>8s} {'peak MiB':>8s} {'+MiB':>7s}")
+              f"{'1st call s':>10s} {'cold s':>8s} {'warm s':>8s} {'B/param':>8s} {'peak MiB':>8s} {'+MiB':>7s} {'kept MiB':>8s}")
     print("\n" + header + "\n" + "-" * len(header))
     for g in results:
         for name, m in g["methods"].items():
@@ -397,9 +409,10 @@ def print_table(results, targets):
             cold, warm = m.get("first_call_cold", {}), m.get("first_call_warm", {})
             print(f"{g['model']:8s} {g['batch_size']:5d} {name:16s} {fmt(m.get('inner_step_s'), 1e3, 3):>9s} "
                   f"{fmt(m.get('epoch_s'), 1e3, 1):>9s} {fmt(m.get('full_grad_pass_s'), 1e3, 2):>11s} "
-                  f"{fmt(m.get('first_call_in_process_s')):>10s} {fmt(cold.get('first_call_s')):>8s} "
-                  f"{fmt(warm.get('first_call_s')):>8s} {fmt(m.get('state_bytes_per_param'), 1, 3):>8s} "
-                  f"{fmt(warm.get('peak_rss_mib'), 1, 0):>8s} {fmt(rss_growth(warm), 1, 1):>7s}")
+                  f"{fmt(m.get('first_call_in_process_s'), 1, 3):>10s} {fmt(cold.get('first_call_s'), 1, 3):>8s} "
+                  f"{fmt(warm.get('first_call_s'), 1, 3):>8s} {fmt(m.get('state_bytes_per_param'), 1, 3):>8s} "
+                  f"{fmt(warm.get('peak_rss_mib'), 1, 0):>8s} {fmt(rss_growth(warm), 1, 1):>7s} "
+                  f"{fmt(warm.get('retained_rss_mib'), 1, 1):>8s}")
         if "compiled_fwd_bwd_pass_s" in g:
             print(f"{g['model']:8s} {g['batch_size']:5d} {'(compiled fwd+bwd pass)':33s} "
                   f"{fmt(g['compiled_fwd_bwd_pass_s'], 1e3, 2):>11s}")

@@ -88,6 +88,8 @@ def test_warm_subprocess_reports_first_call_and_peak_memory(report):
         warm = methods[name]["first_call_warm"]
         assert "error" not in warm, warm
         assert warm["first_call_s"] > 0 and warm["peak_rss_mib"] >= warm["baseline_rss_mib"] > 0
+        if sys.platform.startswith("linux"):
+            assert "retained_rss_mib" in warm
         assert "first_call_cold" not in methods[name]
 
 
