@@ -223,15 +223,26 @@ def _compile(gm, example):
     return compile_fx(copy.deepcopy(gm), example)
 
 
+def _storages(tensors):
+    return {(t.untyped_storage().data_ptr(), t.device): t.untyped_storage().nbytes() for t in tensors}
+
+
 def state_bytes(tensors):
     """Sum of ``nbytes`` over distinct storages, so aliases (``p.grad`` pointing at a buffer) count once."""
-    seen, total = set(), 0
-    for t in tensors:
-        key = (t.untyped_storage().data_ptr(), t.device)
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
+    return sum(_storages(tensors).values())
+
+
+def memory_figures(method, n_params):
+    """Bytes per trainable parameter: all persistent state; the same without 0-d tensors (the per-tensor
+    scales); and the model's own parameters when the method keeps its state elsewhere and they stay allocated."""
+    tensors = method.state_tensors()
+    state = _storages(tensors)
+    model = _storages(p for p in method.model.parameters() if p.requires_grad)
+    return {"state_bytes": sum(state.values()),
+            "state_bytes_per_param": sum(state.values()) / n_params,
+            "state_bytes_per_param_without_scalars": state_bytes([t for t in tensors if t.dim() > 0]) / n_params,
+            "model_parameter_bytes_per_param_outside_state":
+                sum(b for k, b in model.items() if k not in state) / n_params}
 
 
 def quiet_halp_warnings():
