@@ -60,6 +60,8 @@ def parse_args(argv=None):
                    help="TORCHINDUCTOR_CACHE_DIR of this run and its warm subprocesses")
     p.add_argument("--worker-timeout", type=float, default=1800, help="seconds per first-call subprocess")
     p.add_argument("--json", default=os.path.join(ROOT, "results", "benchmarks.json"))
+    p.add_argument("--markdown", help="also write the results table as Markdown to this file")
+    p.add_argument("--markdown-from", metavar="JSON", help="print the Markdown table of an earlier run and exit")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = args.quick
@@ -425,8 +427,31 @@ def print_table(results, targets):
                   f"{t['value']:.3f}")
 
 
+def markdown(report):
+    """The results as a Markdown table, for docs/performance.md."""
+    lines = ["| model | batch | method | inner step ms | epoch ms | full-grad pass ms | first call s (cold / warm) "
+             "| state B/param |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for g in report["results"]:
+        for name, m in g["methods"].items():
+            if "error" in m:
+                lines.append(f"| {g['model']} | {g['batch_size']} | {name} | failed: {m['error'][:60]} | | | | |")
+                continue
+            cold, warm = m.get("first_call_cold", {}), m.get("first_call_warm", {})
+            first = f"{fmt(cold.get('first_call_s'), 1, 1)} / {fmt(warm.get('first_call_s'), 1, 1)}"
+            lines.append(f"| {g['model']} | {g['batch_size']} | {name} | {fmt(m.get('inner_step_s'), 1e3, 3)} "
+                         f"| {fmt(m.get('epoch_s'), 1e3, 1)} | {fmt(m.get('full_grad_pass_s'), 1e3, 2)} | {first} "
+                         f"| {fmt(m.get('state_bytes_per_param'), 1, 3)} |")
+        if "compiled_fwd_bwd_pass_s" in g:
+            lines.append(f"| {g['model']} | {g['batch_size']} | *compiled fwd+bwd pass* | | "
+                         f"| {fmt(g['compiled_fwd_bwd_pass_s'], 1e3, 2)} | | |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.markdown_from:
+        with open(args.markdown_from) as f:
+            return print(markdown(json.load(f)), end="")
     if args.worker:
         return worker(args)
     torch = setup(args)
@@ -463,6 +488,9 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
         print(f"\nwrote {args.json} ({meta['duration_s']:.0f} s)")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(report))
 
 
 if __name__ == "__main__":
