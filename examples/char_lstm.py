@@ -37,7 +37,7 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=int, default=6, help="passes over the training text (default: 6)")
     parser.add_argument("--lr", type=float, default=4.0, help="step size of every method (default: 4)")
     parser.add_argument("--T", type=int, default=None, help="steps between recenters (default: one epoch)")
-    parser.add_argument("--mu", type=float, default=2.0, help="mu of HALP (default: 2)")
+    parser.add_argument("--mu", type=float, default=1.0, help="mu of HALP (default: 1, chosen by --sweep-mu)")
     parser.add_argument("--bits", type=int, default=8, help="bits of LP-SGD weights and HALP offsets (default: 8)")
     parser.add_argument("--lp-range-factor", type=float, default=4.0,
                         help="LP-SGD's fixed grid of each tensor covers this many times its largest initial "

@@ -76,12 +76,12 @@ def optimizer_step(model, optimizer, loss_fn):
 
 
 def write_csv(path, rows):
-    """``rows``: a list of dicts with the same keys, written as one CSV with a header."""
+    """``rows``: a list of dicts with the same keys, written as one CSV with a header; floats keep 6 digits."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in r.items()} for r in rows)
     return path
 
 

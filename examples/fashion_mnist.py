@@ -34,15 +34,17 @@ def parse_args(argv=None):
     parser.add_argument("--train-size", type=int, default=10000,
                         help="training images, a multiple of the batch size (default: 10000 of 60000)")
     parser.add_argument("--test-size", type=int, default=10000, help="test images (default: all 10000)")
-    parser.add_argument("--epochs", type=int, default=8, help="passes over the training subset (default: 8)")
+    parser.add_argument("--epochs", type=int, default=15, help="passes over the training subset (default: 15)")
     parser.add_argument("--batch-size", type=int, default=100, help="batch size (default: 100)")
-    parser.add_argument("--lr", type=float, default=0.05, help="step size of every method (default: 0.05)")
+    parser.add_argument("--lr", type=float, default=0.1, help="step size of every method (default: 0.1)")
     parser.add_argument("--T", type=int, default=None, help="steps between recenters (default: one epoch)")
-    parser.add_argument("--mu", type=float, default=2.0, help="mu of HALP 8-bit (default: 2)")
-    parser.add_argument("--mu4", type=float, default=2.0, help="mu of HALP 4-bit (default: 2)")
+    parser.add_argument("--mu", type=float, default=1.0, help="mu of HALP 8-bit (default: 1, see --sweep-mu)")
+    parser.add_argument("--mu4", type=float, default=8.0, help="mu of HALP 4-bit (default: 8, see --sweep-mu)")
     parser.add_argument("--lp-range-factor", type=float, default=4.0,
                         help="LP-SGD's fixed grid of each tensor covers this many times its largest initial "
                              "magnitude (default: 4)")
+    parser.add_argument("--sweep-mu", type=str, default=None,
+                        help="comma-separated mu values: run only HALP 8- and 4-bit, once per mu, write mu_sweep.csv")
     parser.add_argument("--compile", action="store_true", help="compile the HALP/SVRG graphs with Inductor")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subset, weights and batch order")
@@ -152,6 +154,17 @@ def main(argv=None):
     def lp_sgd(model):
         optimizer = LowPrecisionSGD(model.parameters(), args.lr, bits=8, range_factor=args.lp_range_factor)
         return optimizer_step(model, optimizer, F.cross_entropy)
+
+    if args.sweep_mu:
+        sweep = []
+        for bits in (8, 4):
+            for mu in [float(m) for m in args.sweep_mu.split(",")]:
+                _, summary = train(f"HALP {bits}-bit mu={mu:g}", halp(bits, mu), train_data, test_data, args)
+                sweep.append({"bits": bits, "mu": mu, "test_accuracy": summary["test_accuracy"],
+                              "train_loss": summary["train_loss"]})
+        print_table(sweep)
+        print("wrote", write_csv(os.path.join(args.out, "mu_sweep.csv"), sweep))
+        return sweep
 
     methods = [("SGD", sgd), ("LP-SGD 8-bit", lp_sgd), ("SVRG", halp(None, args.mu)),
                ("HALP 8-bit", halp(8, args.mu)), ("HALP 4-bit", halp(4, args.mu4))]
