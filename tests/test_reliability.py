@@ -1,8 +1,11 @@
 """Bad input gets a clear error; a bad batch never corrupts state; checkpoints resume bit-exactly."""
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
 
 import halp_fx
 from models import MODELS, classification_data, mlp
@@ -215,3 +218,35 @@ def test_parameters_on_several_devices_are_refused():
     model[2].to("meta")
     with pytest.raises(ValueError, match="several devices \\(cpu, meta\\).*model.to"):
         halp_fx.transform(model, 8)
+
+
+
+@settings(max_examples=8, deadline=None)
+@given(hidden=st.integers(1, 12), bits=st.sampled_from([2, 4, 8, 12, None]),
+       lr=st.floats(1e-3, 1.0), mu=st.floats(0.05, 50.0), momentum=st.sampled_from([0.0, 0.9]),
+       rounding=st.sampled_from(["stochastic", "nearest"]))
+def test_any_small_mlp_step_keeps_offsets_in_range_and_finite(hidden, bits, lr, mu, momentum, rounding):
+    torch.manual_seed(0)
+    data = classification_data("mlp", samples=16, batch=8)
+    step = halp_fx.transform(mlp(hidden=hidden), bits, loss_fn=F.cross_entropy, data_loader=data, lr=lr, mu=mu,
+                             momentum=momentum, rounding=rounding, compile=False, on_nonfinite="skip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", halp_fx.SaturationWarning)
+        for x, y in data * 3:
+            step(x, y)
+    for name, z in step.offset.items():
+        if bits is not None:
+            assert -(2 ** (bits - 1)) <= int(z.min()) and int(z.max()) <= 2 ** (bits - 1) - 1
+        assert torch.isfinite(step.weights()[name]).all()
+
+
+def test_compiled_checkpoint_round_trip_continues_bit_for_bit(tmp_path):
+    reference, data = make_step(compile=True, T=4)
+    for x, y in data[:3]:
+        reference(x, y)
+    halp_fx.save_checkpoint(reference.state_dict(), tmp_path / "step.pt")
+    fresh, _ = make_step(compile=True, T=4)
+    fresh.load_state_dict(halp_fx.load_checkpoint(tmp_path / "step.pt"))
+    losses = [(float(reference(x, y)), float(fresh(x, y))) for x, y in data]
+    assert all(a == b for a, b in losses)
+    assert_same_state(snapshot(reference), snapshot(fresh))
