@@ -210,6 +210,7 @@ def run_group(torch, args, model_name, batch_size, methods):
         record["inner_step_s"] = statistics.median(s["inner"])
         record["epoch_s"] = statistics.median(s["epoch"])
         record["inner_step_s_rounds"], record["epoch_s_rounds"] = s["inner"], s["epoch"]
+        record["inner_step_spread"] = max(s["inner"]) / min(s["inner"])
         if s["full_grad"]:
             record["full_grad_pass_s"] = statistics.median(s["full_grad"])
             record["full_grad_pass_s_rounds"] = s["full_grad"]
@@ -393,6 +394,9 @@ def fmt(value, scale=1.0, digits=2):
     return "-" if value is None else f"{value * scale:.{digits}f}"
 
 
+NOISY_SPREAD = 1.5
+
+
 def rss_growth(worker_result):
     if "peak_rss_mib" not in worker_result:
         return None
@@ -409,7 +413,8 @@ def print_table(results, targets):
                 print(f"{g['model']:8s} {g['batch_size']:5d} {name:16s} FAILED: {m['error'][:80]}")
                 continue
             cold, warm = m.get("first_call_cold", {}), m.get("first_call_warm", {})
-            print(f"{g['model']:8s} {g['batch_size']:5d} {name:16s} {fmt(m.get('inner_step_s'), 1e3, 3):>9s} "
+            noisy = "~" if m.get("inner_step_spread", 1.0) > NOISY_SPREAD else " "
+            print(f"{g['model']:8s} {g['batch_size']:5d} {name:16s}{noisy}{fmt(m.get('inner_step_s'), 1e3, 3):>8s} "
                   f"{fmt(m.get('epoch_s'), 1e3, 1):>9s} {fmt(m.get('full_grad_pass_s'), 1e3, 2):>11s} "
                   f"{fmt(m.get('first_call_in_process_s'), 1, 3):>10s} {fmt(cold.get('first_call_s'), 1, 3):>8s} "
                   f"{fmt(warm.get('first_call_s'), 1, 3):>8s} {fmt(m.get('state_bytes_per_param'), 1, 3):>8s} "
@@ -420,6 +425,7 @@ def print_table(results, targets):
                   f"{fmt(g['compiled_fwd_bwd_pass_s'], 1e3, 2):>11s}")
         for label, value in g["ratios"].items():
             print(f"{'':15s}{label} = {value:.2f}")
+    print(f"~: the slowest round's inner step was over {NOISY_SPREAD}x the fastest's; the machine was busy")
     if targets:
         print("\nTargets (reported, not asserted):")
         for t in targets:

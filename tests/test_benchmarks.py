@@ -61,6 +61,7 @@ def test_every_method_has_positive_timings(report):
         for figure in ("inner_step_s", "epoch_s", "first_call_in_process_s"):
             assert m[figure] > 0, (name, figure)
         assert len(m["inner_step_s_rounds"]) == len(m["epoch_s_rounds"]) == 2
+        assert m["inner_step_spread"] >= 1
 
 
 def test_halp_methods_time_their_full_gradient_pass(report):
