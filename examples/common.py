@@ -37,7 +37,7 @@ class LowPrecisionSGD:
         for p in self.params:
             extent = grid_range if grid_range is not None else range_factor * float(p.detach().abs().max())
             self.scales.append(torch.tensor((extent or 1.0) / high))
-        self.counter = torch.tensor(int(seed) << 32, dtype=torch.int64)
+        self.counter = int(seed) << 32
         self.dtype = bit_centering.offset_dtype(bits)
         self.offsets = []
         with torch.no_grad():

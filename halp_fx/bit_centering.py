@@ -10,8 +10,10 @@ import torch
 
 ROUNDINGS = ("stochastic", "nearest")
 
-# Element-wise integer hash on int64 tensors whose values stay below 2**32.
-# The multiplier is below 2**27, so no product can overflow int64.
+# The noise of stochastic rounding is a 32-bit integer hash of (key, element index).
+# Tensors hold the 32 bits in int32, whose multiply wraps modulo 2**32 and is one
+# vector instruction on CPUs and GPUs (an int64 multiply is emulated element by
+# element on AVX2); Python ints compute the same function with explicit masks.
 _MASK32 = 0xFFFFFFFF
 _HASH_MULTIPLIER = 0x45D9F3B
 # The hash maps 0 to 0; offsetting the seed keeps seed 0 from starting the chain at 0.
@@ -46,11 +48,12 @@ def scale_for(full_grad, mu, bits):
 
 
 def saturated_fraction(offset, bits):
-    """The fraction of a ``bits``-bit offset's entries that sit at the saturation bounds (0 for ``bits=None``)."""
+    """The fraction of a ``bits``-bit offset's entries that sit at the saturation bounds, as a 0-d tensor
+    (0 for ``bits=None`` and for an empty offset)."""
     if bits is None or offset.numel() == 0:
-        return 0.0
+        return torch.zeros((), device=offset.device)
     low, high = offset_bounds(bits)
-    return float(((offset == low) | (offset == high)).float().mean())
+    return ((offset == low) | (offset == high)).float().mean()
 
 
 def dequantize(anchor, offset, scale):
@@ -59,47 +62,66 @@ def dequantize(anchor, offset, scale):
 
 
 def _hash32(x):
-    x = x ^ (x >> 16)
+    """The hash of an int32 tensor's 32 bits, in int32. ``(x >> 16) & 0xFFFF`` is the logical shift."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _HASH_MULTIPLIER
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _HASH_MULTIPLIER
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def _hash32_int(x):
+    """:func:`_hash32` on a Python int in [0, 2**32)."""
+    x ^= x >> 16
     x = (x * _HASH_MULTIPLIER) & _MASK32
-    x = x ^ (x >> 16)
+    x ^= x >> 16
     x = (x * _HASH_MULTIPLIER) & _MASK32
     return x ^ (x >> 16)
 
 
-def rounding_key(counter, tensor_index):
-    """An int64 key for one tensor at one step, from the step counter and the tensor's index.
+def _as_int32(value):
+    """The low 32 bits of a Python int, as the signed value an int32 tensor holds."""
+    value &= _MASK32
+    return value - (1 << 32) if value >= 1 << 31 else value
 
-    ``tensor_index`` may be an int64 tensor of indices; the keys broadcast.
-    ``counter`` is a 0-d int64 tensor: the seed in its high 32 bits, the step in
-    its low 32 bits, advanced by one per step; it is the whole random state of
+
+def rounding_key(counter, tensor_index):
+    """The key of one tensor at one step: a signed 32-bit Python int.
+
+    ``counter`` is a Python int: the seed in its high 32 bits, the step in its
+    low 32 bits, advanced by one per step; it is the whole random state of
     stochastic rounding. The parts are chained through a bijective hash (seed,
     then step, then tensor), so keys of different (seed, step, tensor) coincide
     only by chance.
     """
-    seed_key = _hash32(((counter >> 32) + _SEED_OFFSET) & _MASK32)
-    step_key = _hash32(seed_key ^ (counter & _MASK32))
-    return _hash32((step_key + tensor_index) & _MASK32)
+    seed_key = _hash32_int(((counter >> 32) + _SEED_OFFSET) & _MASK32)
+    step_key = _hash32_int(seed_key ^ (counter & _MASK32))
+    return _as_int32(_hash32_int((step_key + tensor_index) & _MASK32))
 
 
 def rounding_keys(counter, count, device=None):
-    """The keys of ``count`` tensors at the step ``counter`` (a Python int), as one int64 vector.
+    """The keys of ``count`` tensors at the step ``counter``, as one int32 vector.
 
-    Computed outside the compiled step on purpose: inside it, Inductor folds the
-    chained hash into every element's expression and compiling takes minutes.
+    Computed in Python, outside the compiled step, on purpose: inside it,
+    Inductor folds the chained hash into every element's expression and
+    compiling takes minutes; as tensor ops it costs more than the whole update
+    of a small model.
     """
-    counter = torch.tensor(counter, dtype=torch.int64, device=device)
-    return rounding_key(counter, torch.arange(count, dtype=torch.int64, device=device))
+    return torch.tensor([rounding_key(counter, i) for i in range(count)], dtype=torch.int32, device=device)
 
 
 def uniform_noise(like, key):
     """Counter-based uniform noise in [0, 1) with ``like``'s shape: ``hash(element index ^ key)``.
 
-    A hash of (key, element index) instead of a stateful generator makes the
-    noise identical eagerly, under Inductor and on any device, and makes a
-    checkpoint's random state two integers.
+    ``key`` is an int32 tensor or a Python int (see :func:`rounding_key`). A hash
+    of (key, element index) instead of a stateful generator makes the noise
+    identical eagerly, under Inductor and on any device, and makes a
+    checkpoint's random state one integer.
     """
-    index = torch.arange(like.numel(), device=like.device, dtype=torch.int64).view(like.shape)
-    bits24 = _hash32(index ^ key) >> 8
+    if not isinstance(key, torch.Tensor):
+        key = _as_int32(key)
+    index = torch.arange(like.numel(), device=like.device, dtype=torch.int32).view(like.shape)
+    bits24 = (_hash32(index ^ key) >> 8) & 0xFFFFFF
     return bits24.to(torch.float32) * (1.0 / (1 << 24))
 
 
@@ -118,16 +140,19 @@ def offset_step(offset, scale, direction, lr, bits, rounding, key=None):
     """One HALP update of the offset: ``Z <- Q(Z - lr * direction / d)``.
 
     ``direction`` is the corrected gradient (after weight decay and momentum). A
-    tensor with ``d == 0`` keeps its offset. With ``bits=None`` there is no
+    tensor with ``d == 0`` keeps its offset. The new offset has the dtype of a
+    ``bits``-bit offset whatever ``offset``'s dtype: the compiled CPU step reads
+    the old one widened to float32 (see ``TrainingStep``). With ``bits=None`` there is no
     rounding: the float32 offset moves by ``-lr * direction``.
     """
     if bits is None:
         return offset - lr * direction
     # float32 holds every integer only up to 2**24: wider offsets move in float64.
     work = torch.float64 if bits > 24 else torch.float32
-    inverse_scale = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale)).to(work)
-    moved = offset.to(work) - (lr * direction).to(work) * inverse_scale
-    return round_to_grid(moved, bits, rounding, key).to(offset.dtype)
+    # lr / d is one scalar: the per-element work is a multiply and a subtract.
+    step_size = torch.where(scale > 0, lr / scale, torch.zeros_like(scale)).to(work)
+    moved = offset.to(work) - direction.to(work) * step_size
+    return round_to_grid(moved, bits, rounding, key).to(offset_dtype(bits))
 
 
 def svrg_corrected(grad, anchor_grad, full_grad):

@@ -16,7 +16,7 @@ After (``bits=8``, stochastic rounding)::
 Weight decay (on the full weight W) and momentum (a float32 buffer, a new input
 and output) add a node each before the offset step. The arithmetic is
 :mod:`halp_fx.bit_centering`'s; stochastic rounding adds one input,
-``rounding_keys``, one int64 key per tensor, made by the runtime each step
+``rounding_keys``, one int32 key per tensor, made by the runtime each step
 from its rounding counter (:func:`halp_fx.bit_centering.rounding_keys`).
 """
 import logging
@@ -47,7 +47,7 @@ class OffsetUpdatePass(PassBase):
         lr = placeholders(graph, "lr")[None]
         stochastic = self.bits is not None and self.rounding == "stochastic"
         params = outputs(graph, "param")
-        keys = add_input(graph, ("rounding_keys", None), (len(params),), torch.int64, device) if stochastic else None
+        keys = add_input(graph, ("rounding_keys", None), (len(params),), torch.int32, device) if stochastic else None
         for index, (name, (position, update)) in enumerate(params.items()):
             label = identifier(name)
             weight, scaled = update.args

@@ -24,7 +24,8 @@ PROPERTY = settings(max_examples=50, deadline=None)
 
 
 def key(value):
-    return torch.tensor(value, dtype=torch.int64)
+    """A rounding key as the step graph receives it: a 0-d int32 tensor holding 32 bits."""
+    return torch.tensor(bc._as_int32(value), dtype=torch.int32)
 
 
 def float32_values(low=-1e4, high=1e4):
@@ -253,7 +254,7 @@ def test_stochastic_rounding_is_unbiased_over_steps(x):
     """The same entry rounded at successive steps, with the keys the training step uses."""
     steps = 4000
     values = torch.full((3,), x)
-    rounded = torch.stack([bc.round_to_grid(values, 8, "stochastic", bc.rounding_key(key(c), 0))
+    rounded = torch.stack([bc.round_to_grid(values, 8, "stochastic", bc.rounding_key(c, 0))
                            for c in range(steps)])
     p = x - math.floor(x)
     sigma = math.sqrt(p * (1 - p) / steps)
@@ -294,7 +295,20 @@ def test_stochastic_rounding_differs_for_different_keys():
 
 def training_key(seed, step, tensor_index):
     """The key the training step uses: its counter starts at ``seed << 32`` and advances by one per step."""
-    return int(bc.rounding_key(key((seed << 32) + step), tensor_index))
+    return bc.rounding_key((seed << 32) + step, tensor_index)
+
+
+def test_tensor_hash_is_the_python_hash_on_all_32_bits():
+    """Keys are hashed in Python and elements in int32 tensors: the two must be one function."""
+    values = [0, 1, 0xFFFF, 0x10000, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1] + list(range(12345, 2 ** 32, 2 ** 32 // 997))
+    hashed = bc._hash32(torch.tensor([bc._as_int32(v) for v in values], dtype=torch.int32))
+    assert hashed.tolist() == [bc._as_int32(bc._hash32_int(v)) for v in values]
+
+
+def test_rounding_keys_vector_holds_each_tensors_key():
+    keys = bc.rounding_keys((7 << 32) + 3, 5)
+    assert keys.dtype == torch.int32
+    assert keys.tolist() == [bc.rounding_key((7 << 32) + 3, i) for i in range(5)]
 
 
 def test_rounding_keys_are_distinct_for_every_step_and_tensor():

@@ -48,3 +48,17 @@ def test_dump_includes_inductor_output_code_when_compiled(eager_and_compiled, tm
     names = [p.rsplit("/", 1)[1] for p in compiled.dump(tmp_path)]
     assert "inductor_step.py" in names and "inductor_full_gradient.py" in names
     assert "def call(" in (tmp_path / "inductor_step.py").read_text()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_rounding_noise_is_bit_identical_to_eager(device):
+    """The int32 hash wraps modulo 2**32 in Inductor's vector loops and in their scalar tails alike."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from halp_fx import bit_centering
+
+    like = torch.empty(4099, device=device)  # not a multiple of any vector width: the tail runs scalar code
+    key = bit_centering.rounding_keys(123 << 32, 1, device)[0]
+    noise = make_fx(lambda like, key: (bit_centering.uniform_noise(like, key),))(like, key)
+    assert torch.equal(compile_fx(noise, [like, key])(like, key)[0], bit_centering.uniform_noise(like, key))

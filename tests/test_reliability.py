@@ -163,6 +163,16 @@ def test_heavy_saturation_warns_once_per_recenter():
     with pytest.warns(halp_fx.SaturationWarning, match="lower mu or lr") as record:
         step.recenter()
     assert len(record) == 1
+    assert record[0].filename == __file__
+
+
+def test_saturation_warning_from_a_step_points_at_the_callers_line():
+    step, data = make_step(mu=50.0, lr=1.0)   # T defaults to len(data)
+    for x, y in data:
+        step(x, y)
+    with pytest.warns(halp_fx.SaturationWarning) as record:
+        step(*data[0])   # T steps done: this step recenters first
+    assert record[0].filename == __file__
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])

@@ -169,15 +169,10 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
         return loss, [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
 
     def _rounding_keys(self):
-        """Every parameter's key for this step, keyed by its position among all the optimizer's parameters.
-
-        They are computed here, in a few vectorised ops, rather than in the compiled
-        update: Inductor inlines the nested integer hash into every element's
-        expression, and compiling that took minutes for a four-tensor model.
-        """
+        """Every parameter's key for this step, keyed by its position among all the optimizer's parameters."""
         counter = self._counters["rounding_counter"]
         count = sum(len(group["params"]) for group in self.param_groups)
-        return bit_centering.rounding_key(counter, torch.arange(count, device=counter.device))
+        return bit_centering.rounding_keys(int(counter), count, counter.device)
 
     def _update_arguments(self, grads, anchor_grads):
         groups, index, keys = [], 0, None
