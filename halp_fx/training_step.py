@@ -9,7 +9,6 @@ a step returns new tensors, and the state is replaced only when the step's
 Momentum survives a recenter: a recenter moves no weight (the new anchor is the
 old ``A + d*Z``), so the velocity stays meaningful.
 """
-import copy
 import dataclasses
 import os
 import warnings
@@ -20,6 +19,7 @@ import torch
 from . import bit_centering, passes
 from .arguments import as_batch
 from .capture import OUTPUT_ROLES, ROLE, capture_gradient, capture_training_step, signature_of
+from .inductor import compile_graph
 
 
 class NonFiniteError(FloatingPointError):
@@ -40,12 +40,7 @@ class _Program:
         self.gm = gm
         self.output_code = None
         if compile:
-            from torch._inductor.compile_fx import compile_fx
-            from torch._inductor.utils import run_and_get_code
-
-            # compile_fx rewrites the module's codegen in place: give it a copy.
-            self.fn, codes = run_and_get_code(lambda: compile_fx(copy.deepcopy(gm), example_inputs))
-            self.output_code = "\n\n".join(codes) or None
+            self.fn, self.output_code = compile_graph(gm, example_inputs)
         else:
             self.fn = gm
 

@@ -62,3 +62,22 @@ def test_compiled_rounding_noise_is_bit_identical_to_eager(device):
     key = bit_centering.rounding_keys(123 << 32, 1, device)[0]
     noise = make_fx(lambda like, key: (bit_centering.uniform_noise(like, key),))(like, key)
     assert torch.equal(compile_fx(noise, [like, key])(like, key)[0], bit_centering.uniform_noise(like, key))
+
+
+def test_a_second_compile_of_the_same_step_is_served_from_inductors_cache():
+    """A warm first call must not recompile: both graphs are looked up in Inductor's FX graph cache."""
+    from torch._dynamo.utils import counters
+
+    from models import mlp
+
+    data = classification_data("mlp", samples=16, batch=8)
+
+    def first_call():
+        torch.manual_seed(0)
+        step = halp_fx.transform(mlp(), 8, loss_fn=F.cross_entropy, data_loader=data, lr=0.1, mu=0.5)
+        return float(step(*data[0]))
+
+    first = first_call()
+    hits = counters["inductor"]["fxgraph_cache_hit"]
+    assert first_call() == first
+    assert counters["inductor"]["fxgraph_cache_hit"] - hits == 2   # the step graph and the full-gradient graph
