@@ -94,9 +94,12 @@ def rounding_key(counter, tensor_index):
     then step, then tensor), so keys of different (seed, step, tensor) coincide
     only by chance.
     """
+    return _as_int32(_hash32_int((_step_key(counter) + tensor_index) & _MASK32))
+
+
+def _step_key(counter):
     seed_key = _hash32_int(((counter >> 32) + _SEED_OFFSET) & _MASK32)
-    step_key = _hash32_int(seed_key ^ (counter & _MASK32))
-    return _as_int32(_hash32_int((step_key + tensor_index) & _MASK32))
+    return _hash32_int(seed_key ^ (counter & _MASK32))
 
 
 def rounding_keys(counter, count, device=None):
@@ -107,7 +110,9 @@ def rounding_keys(counter, count, device=None):
     compiling takes minutes; as tensor ops it costs more than the whole update
     of a small model.
     """
-    return torch.tensor([rounding_key(counter, i) for i in range(count)], dtype=torch.int32, device=device)
+    step_key = _step_key(counter)
+    keys = [_as_int32(_hash32_int((step_key + i) & _MASK32)) for i in range(count)]
+    return torch.tensor(keys, dtype=torch.int32, device=device)
 
 
 def uniform_noise(like, key):
