@@ -5,13 +5,17 @@ otherwise be copied into every one of them.
 """
 import csv
 import os
+import time
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
+import halp_fx  # noqa: E402
 from halp_fx import bit_centering  # noqa: E402
 
 
@@ -73,6 +77,69 @@ def optimizer_step(model, optimizer, loss_fn):
         return loss.detach()
     step.sync_model = lambda: model
     return step
+
+
+def classification_methods(args, batches):
+    """The image classifiers' five methods as ``(name, make_step)``, ``make_step(model)`` building a fresh training
+    step, and ``halp(bits, mu)``, the HALP builder a mu sweep calls. ``batches`` feed HALP's full gradient."""
+    def halp(bits, mu):
+        return lambda model: halp_fx.transform(model, bits, loss_fn=F.cross_entropy, data_loader=batches, lr=args.lr,
+                                               T=args.T, mu=mu, compile=args.compile)
+
+    def sgd(model):
+        return optimizer_step(model, torch.optim.SGD(model.parameters(), lr=args.lr), F.cross_entropy)
+
+    def lp_sgd(model):
+        optimizer = LowPrecisionSGD(model.parameters(), args.lr, bits=8, range_factor=args.lp_range_factor)
+        return optimizer_step(model, optimizer, F.cross_entropy)
+
+    methods = [("SGD", sgd), ("LP-SGD 8-bit", lp_sgd), ("SVRG", halp(None, args.mu)),
+               ("HALP 8-bit", halp(8, args.mu)), ("HALP 4-bit", halp(4, args.mu4))]
+    return methods, halp
+
+
+def train_classifier(name, step, train_data, test_data, args, evaluate):
+    """``args.epochs`` passes of ``step`` over shuffled batches of ``train_data``; after each, ``evaluate(model, x, y)``
+    -> (loss, accuracy) on the training and test sets. Returns (one row per epoch, a summary row)."""
+    (x, y), n = train_data, len(train_data[1])
+    order = torch.Generator().manual_seed(args.seed)
+    rows, seconds, first_step = [], 0.0, None
+    for epoch in range(1, args.epochs + 1):
+        start = time.perf_counter()
+        permutation = torch.randperm(n, generator=order)
+        for i in tqdm(range(0, n - args.batch_size + 1, args.batch_size), desc=f"{name} epoch {epoch}", leave=False):
+            batch = permutation[i:i + args.batch_size]
+            step(x[batch], y[batch])
+            if first_step is None:
+                first_step = time.perf_counter() - start
+        seconds += time.perf_counter() - start
+        train_loss, _ = evaluate(step.sync_model(), x, y)
+        test_loss, test_accuracy = evaluate(step.sync_model(), *test_data)
+        rows.append({"method": name, "epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
+                     "test_accuracy": test_accuracy, "seconds": seconds})
+    summary = {"method": name, "test_accuracy": rows[-1]["test_accuracy"], "train_loss": rows[-1]["train_loss"],
+               "seconds": seconds, "first_step_seconds": first_step}
+    return rows, summary
+
+
+def saturated_fraction(step):
+    """The fraction of all offset entries at the integer bounds: near 1, mu is too large for the steps taken."""
+    at_bounds = sum(s["saturated"] * step.offset[n].numel() for n, s in step.stats().items())
+    return at_bounds / sum(z.numel() for z in step.offset.values())
+
+
+def sweep_mu(args, halp, run):
+    """HALP at 8 and 4 bits once per mu of ``args.sweep_mu``; ``run(name, make_step)`` trains and returns
+    (summary row, step). Prints the table, writes ``mu_sweep.csv`` and returns its rows."""
+    sweep = []
+    for bits in (8, 4):
+        for mu in [float(m) for m in args.sweep_mu.split(",")]:
+            summary, step = run(f"HALP {bits}-bit mu={mu:g}", halp(bits, mu))
+            sweep.append({"bits": bits, "mu": mu, "test_accuracy": summary["test_accuracy"],
+                          "train_loss": summary["train_loss"], "saturated": saturated_fraction(step)})
+    print_table(sweep)
+    print("wrote", write_csv(os.path.join(args.out, "mu_sweep.csv"), sweep))
+    return sweep
 
 
 def write_csv(path, rows):

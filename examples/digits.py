@@ -12,17 +12,14 @@ halp_fx rewrote for HALP 8-bit.
 """
 import argparse
 import os
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from tqdm import tqdm
 
-import halp_fx
-from common import LowPrecisionSGD, optimizer_step, plot_curves, print_table, write_csv
+from common import classification_methods, plot_curves, print_table, sweep_mu, train_classifier, write_csv
 
 
 def parse_args(argv=None):
@@ -83,37 +80,6 @@ def evaluate(model, x, y):
     return float(F.cross_entropy(logits, y)), 100 * float((logits.argmax(1) == y).float().mean())
 
 
-def train(name, make_step, train_data, test_data, args):
-    """Train a fresh SmallCNN with ``make_step(model)``; return (curve rows, summary row, step)."""
-    torch.manual_seed(args.seed)
-    step = make_step(SmallCNN())
-    (x, y), n = train_data, len(train_data[1])
-    order = torch.Generator().manual_seed(args.seed)
-    rows, seconds, first_step = [], 0.0, None
-    for epoch in tqdm(range(1, args.epochs + 1), desc=name, leave=False):
-        start = time.perf_counter()
-        permutation = torch.randperm(n, generator=order)
-        for i in range(0, n - args.batch_size + 1, args.batch_size):
-            batch = permutation[i:i + args.batch_size]
-            step(x[batch], y[batch])
-            if first_step is None:
-                first_step = time.perf_counter() - start
-        seconds += time.perf_counter() - start
-        train_loss, _ = evaluate(step.sync_model(), x, y)
-        test_loss, test_accuracy = evaluate(step.sync_model(), *test_data)
-        rows.append({"method": name, "epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
-                     "test_accuracy": test_accuracy, "seconds": seconds})
-    summary = {"method": name, "test_accuracy": rows[-1]["test_accuracy"], "train_loss": rows[-1]["train_loss"],
-               "seconds": seconds, "first_step_seconds": first_step}
-    return rows, summary, step
-
-
-def saturated_fraction(step):
-    """The fraction of all offset entries at the integer bounds: near 1, mu is too large for the steps taken."""
-    at_bounds = sum(s["saturated"] * step.offset[n].numel() for n, s in step.stats().items())
-    return at_bounds / sum(z.numel() for z in step.offset.values())
-
-
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -124,33 +90,20 @@ def main(argv=None):
     batches = [(x[i:i + args.batch_size], y[i:i + args.batch_size]) for i in range(0, len(y), args.batch_size)]
     print(f"digits: {len(y)} train / {len(test_data[1])} test images, {len(batches)} batches of {args.batch_size}")
 
-    def halp(bits, mu):
-        return lambda model: halp_fx.transform(model, bits, loss_fn=F.cross_entropy, data_loader=batches, lr=args.lr,
-                                               T=args.T, mu=mu, compile=args.compile)
+    methods, halp = classification_methods(args, batches)
 
-    def sgd(model):
-        return optimizer_step(model, torch.optim.SGD(model.parameters(), lr=args.lr), F.cross_entropy)
-
-    def lp_sgd(model):
-        optimizer = LowPrecisionSGD(model.parameters(), args.lr, bits=8, range_factor=args.lp_range_factor)
-        return optimizer_step(model, optimizer, F.cross_entropy)
+    def run(name, make_step):
+        torch.manual_seed(args.seed)
+        step = make_step(SmallCNN())
+        rows, summary = train_classifier(name, step, train_data, test_data, args, evaluate)
+        return rows, summary, step
 
     if args.sweep_mu:
-        sweep = []
-        for bits in (8, 4):
-            for mu in [float(m) for m in args.sweep_mu.split(",")]:
-                _, summary, step = train(f"HALP {bits}-bit mu={mu:g}", halp(bits, mu), train_data, test_data, args)
-                sweep.append({"bits": bits, "mu": mu, "test_accuracy": summary["test_accuracy"],
-                              "train_loss": summary["train_loss"], "saturated": saturated_fraction(step)})
-        print_table(sweep)
-        print("wrote", write_csv(os.path.join(args.out, "mu_sweep.csv"), sweep))
-        return sweep
+        return sweep_mu(args, halp, lambda name, make_step: run(name, make_step)[1:])
 
-    methods = [("SGD", sgd), ("LP-SGD 8-bit", lp_sgd), ("SVRG", halp(None, args.mu)),
-               ("HALP 8-bit", halp(8, args.mu)), ("HALP 4-bit", halp(4, args.mu4))]
     curves, table = [], []
     for name, make_step in methods:
-        rows, summary, step = train(name, make_step, train_data, test_data, args)
+        rows, summary, step = run(name, make_step)
         curves += rows
         table.append(summary)
         if name == "HALP 8-bit":
