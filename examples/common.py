@@ -142,6 +142,40 @@ def sweep_mu(args, halp, run):
     return sweep
 
 
+def compare_classifiers(label, args, make_model, train_data, test_data, evaluate, title, after=None):
+    """Train ``make_model()`` with each of the five methods (or, with ``--sweep-mu``, HALP at each mu); print the
+    table, write ``summary.csv``, ``curves.csv`` and ``curves.png`` (titled ``title``) under ``args.out``.
+    ``after(name, step)`` runs once each method has trained. Returns the summary rows (or the sweep's rows)."""
+    x, y = train_data
+    # The full gradient's batches: the training set in a fixed order, all of one shape.
+    batches = [(x[i:i + args.batch_size], y[i:i + args.batch_size]) for i in range(0, len(y), args.batch_size)]
+    print(f"{label}: {len(y)} train / {len(test_data[1])} test images, {len(batches)} batches of {args.batch_size}")
+    methods, halp = classification_methods(args, batches)
+
+    def run(name, make_step):
+        torch.manual_seed(args.seed)
+        step = make_step(make_model())
+        rows, summary = train_classifier(name, step, train_data, test_data, args, evaluate)
+        return rows, summary, step
+
+    if args.sweep_mu:
+        return sweep_mu(args, halp, lambda name, make_step: run(name, make_step)[1:])
+    curves, table = [], []
+    for name, make_step in methods:
+        rows, summary, step = run(name, make_step)
+        curves += rows
+        table.append(summary)
+        if after is not None:
+            after(name, step)
+    print_table(table)
+    write_csv(os.path.join(args.out, "summary.csv"), table)
+    write_csv(os.path.join(args.out, "curves.csv"), curves)
+    plot_curves(os.path.join(args.out, "curves.png"), curves, "epoch",
+                [("train_loss", "training loss", True), ("test_accuracy", "test accuracy (%)", False)], title)
+    print(f"wrote {args.out}/curves.png, curves.csv and summary.csv")
+    return table
+
+
 def write_csv(path, rows):
     """``rows``: a list of dicts with the same keys, written as one CSV with a header; floats keep 6 digits."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from common import classification_methods, plot_curves, print_table, sweep_mu, train_classifier, write_csv
+from common import compare_classifiers
 
 
 def parse_args(argv=None):
@@ -85,39 +85,17 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     train_data, test_data = load_data(args.train_size)
-    x, y = train_data
-    # The full gradient's batches: the training set in a fixed order, all of one shape.
-    batches = [(x[i:i + args.batch_size], y[i:i + args.batch_size]) for i in range(0, len(y), args.batch_size)]
-    print(f"digits: {len(y)} train / {len(test_data[1])} test images, {len(batches)} batches of {args.batch_size}")
 
-    methods, halp = classification_methods(args, batches)
-
-    def run(name, make_step):
-        torch.manual_seed(args.seed)
-        step = make_step(SmallCNN())
-        rows, summary = train_classifier(name, step, train_data, test_data, args, evaluate)
-        return rows, summary, step
-
-    if args.sweep_mu:
-        return sweep_mu(args, halp, lambda name, make_step: run(name, make_step)[1:])
-
-    curves, table = [], []
-    for name, make_step in methods:
-        rows, summary, step = run(name, make_step)
-        curves += rows
-        table.append(summary)
+    def dump_halp8(name, step):
         if name == "HALP 8-bit":
             graphs = step.dump(os.path.join(args.out, "halp8_graphs"))
             print(step.explain().split("\n\n")[0])
             print(f"the rewritten HALP 8-bit graphs are in {os.path.dirname(graphs[0])}/")
-    print_table(table)
-    write_csv(os.path.join(args.out, "summary.csv"), table)
-    write_csv(os.path.join(args.out, "curves.csv"), curves)
-    plot_curves(os.path.join(args.out, "curves.png"), curves, "epoch",
-                [("train_loss", "training loss", True), ("test_accuracy", "test accuracy (%)", False)],
-                f"digits CNN, batch {args.batch_size}, lr={args.lr}, mu={args.mu:g} (8-bit), {args.mu4:g} (4-bit)")
-    print(f"wrote {args.out}/curves.png, curves.csv and summary.csv")
-    return table
+
+    return compare_classifiers(
+        "digits", args, SmallCNN, train_data, test_data, evaluate,
+        f"digits CNN, batch {args.batch_size}, lr={args.lr}, mu={args.mu:g} (8-bit), {args.mu4:g} (4-bit)",
+        after=dump_halp8)
 
 
 if __name__ == "__main__":

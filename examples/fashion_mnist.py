@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import classification_methods, plot_curves, print_table, sweep_mu, train_classifier, write_csv
+from common import compare_classifiers
 
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -110,37 +110,10 @@ def main(argv=None):
     subset = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))[:args.train_size]
     train_data = x[subset], y[subset]
     test_data = tuple(t[:args.test_size] for t in load_split(args.data, "test"))
-    x, y = train_data
-    # The full gradient's batches: the training subset in a fixed order, all of one shape.
-    batches = [(x[i:i + args.batch_size], y[i:i + args.batch_size]) for i in range(0, len(y), args.batch_size)]
-    print(f"fashion-mnist: {len(y)} train / {len(test_data[1])} test images, {len(batches)} batches of "
-          f"{args.batch_size}")
-
-    methods, halp = classification_methods(args, batches)
-
-    def run(name, make_step):
-        torch.manual_seed(args.seed)
-        step = make_step(LeNet5())
-        rows, summary = train_classifier(name, step, train_data, test_data, args, evaluate)
-        return rows, summary, step
-
-    if args.sweep_mu:
-        return sweep_mu(args, halp, lambda name, make_step: run(name, make_step)[1:])
-
-    curves, table = [], []
-    for name, make_step in methods:
-        rows, summary, _ = run(name, make_step)
-        curves += rows
-        table.append(summary)
-    print_table(table)
-    write_csv(os.path.join(args.out, "summary.csv"), table)
-    write_csv(os.path.join(args.out, "curves.csv"), curves)
-    plot_curves(os.path.join(args.out, "curves.png"), curves, "epoch",
-                [("train_loss", "training loss", True), ("test_accuracy", "test accuracy (%)", False)],
-                f"LeNet-5 on Fashion-MNIST ({len(y)} train), batch {args.batch_size}, lr={args.lr}, "
-                f"mu={args.mu:g} / {args.mu4:g}")
-    print(f"wrote {args.out}/curves.png, curves.csv and summary.csv")
-    return table
+    return compare_classifiers(
+        "fashion-mnist", args, LeNet5, train_data, test_data, evaluate,
+        f"LeNet-5 on Fashion-MNIST ({len(train_data[1])} train), batch {args.batch_size}, lr={args.lr}, "
+        f"mu={args.mu:g} / {args.mu4:g}")
 
 
 if __name__ == "__main__":
