@@ -79,9 +79,11 @@ class TrainingStep:
         self._step_programs, self._gradient_programs = {}, {}
         # Inductor's C++ kernels load int8 through a slow partial-vector path on AVX2 (about 1.7 ns
         # per element, more than the rest of the update): on CPU the compiled step reads the offsets
-        # widened to float32 by one ATen conversion each, made just before the call and freed after.
-        # The stored offsets stay integers; the arithmetic is the same to the bit.
-        self._widen_offsets = compile and bits is not None and self.device.type == "cpu"
+        # of large tensors widened to float32 by one ATen conversion each (about 7 us per call, so
+        # small tensors stay int8), made just before the call and freed after. The stored offsets
+        # stay integers; the arithmetic is the same to the bit.
+        widen = compile and bits is not None and self.device.type == "cpu"
+        self._widened_offsets = {n for n, a in self.anchor.items() if widen and a.numel() >= 4096}
         self._first_step = None
         self._lr_cache = (None, None)
 
@@ -338,7 +340,7 @@ class TrainingStep:
                 values.append(self._lr_tensor())
             elif kind == "rounding_keys":
                 values.append(bit_centering.rounding_keys(self.rounding_counter, len(self.anchor), self.device))
-            elif kind == "offset" and self._widen_offsets:
+            elif kind == "offset" and name in self._widened_offsets:
                 values.append(self.offset[name].to(torch.float32))
             else:
                 values.append(self._state(kind)[name])

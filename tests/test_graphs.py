@@ -125,10 +125,21 @@ def forward(self, anchor_weight, offset_weight, scale_weight, anchor_bias, offse
     return (view, sub, sub_1)""")
 
     def test_offset_update_replaces_each_sgd_update_by_an_offset_step(self):
-        self.assertExpectedInline(changes(self.graphs["svrg_correction"], self.graphs["offset_update"]), """""")
+        self.assertExpectedInline(changes(self.graphs["svrg_correction"], self.graphs["offset_update"]), """\
+-    mul = torch.ops.aten.mul.Tensor(lr, corrected_grad_weight)
+-    sub = torch.ops.aten.sub.Tensor(w_weight, mul)
++    new_offset_weight = halp_fx_bit_centering_offset_step(offset_weight, scale_weight, corrected_grad_weight, lr, bits = 8, rounding = 'nearest')
+-    mul_1 = torch.ops.aten.mul.Tensor(lr, corrected_grad_bias)
+-    sub_1 = torch.ops.aten.sub.Tensor(w_bias, mul_1)
+-    return (view, sub, sub_1)
++    new_offset_bias = halp_fx_bit_centering_offset_step(offset_bias, scale_bias, corrected_grad_bias, lr, bits = 8, rounding = 'nearest')
++    return (view, new_offset_weight, new_offset_bias)""")
 
     def test_nonfinite_guard_adds_one_flag_output(self):
-        self.assertExpectedInline(changes(self.graphs["offset_update"], self.graphs["nonfinite_guard"]), """""")
+        self.assertExpectedInline(changes(self.graphs["offset_update"], self.graphs["nonfinite_guard"]), """\
+-    return (view, new_offset_weight, new_offset_bias)
++    all_finite = halp_fx_passes_nonfinite_guard_pass_all_finite(view, corrected_grad_weight, corrected_grad_bias)
++    return (view, new_offset_weight, new_offset_bias, all_finite)""")
 
     def test_full_gradient(self):
         self.assertExpectedInline(graph_code(self.graphs["full_gradient"]), """\
