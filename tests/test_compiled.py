@@ -78,6 +78,8 @@ def test_a_second_compile_of_the_same_step_is_served_from_inductors_cache():
         return float(step(*data[0]))
 
     first = first_call()
-    hits = counters["inductor"]["fxgraph_cache_hit"]
+    hits, aot_hits = counters["inductor"]["fxgraph_cache_hit"], counters["aot_autograd"]["autograd_cache_hit"]
     assert first_call() == first
     assert counters["inductor"]["fxgraph_cache_hit"] - hits == 2   # the step graph and the full-gradient graph
+    if hasattr(torch._inductor.config, "unsafe_marked_cacheable_functions"):  # AOTAutograd's cache, torch >= 2.6
+        assert counters["aot_autograd"]["autograd_cache_hit"] - aot_hits == 2
