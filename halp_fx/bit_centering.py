@@ -45,9 +45,14 @@ def scale_for(full_grad, mu, bits):
     A tensor whose full gradient is exactly zero gets ``d = 0``. With ``bits=None``
     (full-precision SVRG) the offset is held in float32 and ``d`` is 1.
     """
+    return scale_from_norm(torch.linalg.vector_norm(full_grad.float()), mu, bits)
+
+
+def scale_from_norm(norm, mu, bits):
+    """:func:`scale_for` given ``||G||`` (a 0-d float32 tensor), for callers that have the norm already."""
     if bits is None:
-        return torch.ones((), dtype=torch.float32, device=full_grad.device)
-    return torch.linalg.vector_norm(full_grad.float()) / (mu * offset_bounds(bits)[1])
+        return torch.ones((), dtype=torch.float32, device=norm.device)
+    return norm / (mu * offset_bounds(bits)[1])
 
 
 def saturated_fraction(offset, bits):

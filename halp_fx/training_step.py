@@ -39,6 +39,7 @@ class _Program:
         self.output_roles = next(n for n in gm.graph.nodes if n.op == "output").meta[OUTPUT_ROLES]
         self.gm = gm
         self.output_code = None
+        self._positions = {}
         if compile:
             self.fn, self.output_code = compile_graph(gm, example_inputs)
         else:
@@ -46,6 +47,13 @@ class _Program:
 
     def __call__(self, inputs):
         return dict(zip(self.output_roles, self.fn(*inputs)))
+
+    def positions(self, roles):
+        """The output positions of ``roles`` (a tuple), looked up once per tuple."""
+        if roles not in self._positions:
+            index = {role: i for i, role in enumerate(self.output_roles)}
+            self._positions[roles] = [index[role] for role in roles]
+        return self._positions[roles]
 
 
 class TrainingStep:
@@ -130,28 +138,30 @@ class TrainingStep:
         anchor = OrderedDict((n, self._weight(n)) for n in self.anchor)
         total = 0
         full_grad = OrderedDict((n, torch.zeros_like(a)) for n, a in anchor.items())
+        accumulators, gradient_roles = list(full_grad.values()), tuple(("full_grad", n) for n in full_grad)
         for raw in source:
             batch = as_batch(raw)
             self._check_batch(batch)
             program = self._gradient_program(batch)
-            results = program(self._inputs(program, batch, anchor=anchor))
+            outputs = program.fn(*self._inputs(program, batch, anchor=anchor))
             examples = batch[0].shape[0] if batch[0].dim() else 1
-            torch._foreach_add_(list(full_grad.values()), [results[("full_grad", n)] for n in full_grad],
-                                alpha=examples)
+            torch._foreach_add_(accumulators, [outputs[i] for i in program.positions(gradient_roles)], alpha=examples)
             total += examples
         if total == 0:
             raise ValueError("the full gradient saw no batch: data_loader (or batches=) is empty")
         self._warn_if_saturated()
         torch._foreach_div_(list(full_grad.values()), total)
         # A norm is NaN or infinite when an element is: one check, one host sync, for all tensors.
-        if not bool(torch.isfinite(torch.stack(torch._foreach_norm(list(full_grad.values())))).all()):
+        norms = torch._foreach_norm(list(full_grad.values()))
+        if not bool(torch.isfinite(torch.stack(norms)).all()):
             self.nonfinite_steps += 1
             if self.on_nonfinite == "raise":
                 raise NonFiniteError("the full gradient is NaN/Inf; the anchor, offsets and scales were not "
                                      "changed. Check the data for NaN/Inf or lower lr.")
             return
         self.anchor, self.full_grad = anchor, full_grad
-        self.scale = OrderedDict((n, bit_centering.scale_for(g, self.mu, self.bits)) for n, g in full_grad.items())
+        self.scale = OrderedDict((n, bit_centering.scale_from_norm(norm, self.mu, self.bits))
+                                 for n, norm in zip(full_grad, norms))
         self.offset = OrderedDict((n, torch.zeros_like(z)) for n, z in self.offset.items())
         self.steps_since_recenter = 0
         self.recenters += 1
