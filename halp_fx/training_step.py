@@ -286,12 +286,12 @@ class TrainingStep:
     def _warn_if_saturated(self):
         if self.bits is None or self.recenters == 0:
             return
-        saturated = {n: s["saturated"] for n, s in self.stats().items() if s["saturated"] > self.saturation_warning}
-        if saturated:
-            worst = max(saturated, key=saturated.get)
-            warnings.warn(f"{len(saturated)} tensors ended the epoch with more than {self.saturation_warning:.0%} of "
-                          f"their offsets at the {self.bits}-bit bounds (worst: {worst!r}, {saturated[worst]:.0%}): "
-                          "the grid is too fine for the steps taken; lower mu or lr", SaturationWarning, stacklevel=4)
+        if any(s["saturated"] > self.saturation_warning for s in self.stats().values()):
+            # The text does not change from epoch to epoch, so Python's default filter shows it once per call site
+            # instead of at every recenter; stats() has the figures.
+            warnings.warn(f"some tensors ended an epoch with more than {self.saturation_warning:.0%} of their offsets "
+                          f"at the {self.bits}-bit bounds: the grid is too fine for the steps taken; lower mu or lr "
+                          "(step.stats() gives each tensor's fraction)", SaturationWarning, stacklevel=4)
 
     def _check_batch(self, batch):
         if self.signature.batch_size is None:
