@@ -31,7 +31,11 @@ def compile_graph(gm, example_inputs):
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
-    fakes = [fake_mode.from_tensor(t, static_shapes=True) for t in example_inputs]
+    try:
+        fakes = [fake_mode.from_tensor(t, static_shapes=True) for t in example_inputs]
+    except TypeError:  # an older torch without static_shapes=: compile as before, without the FX graph cache
+        compiled, codes = run_and_get_code(lambda: compile_fx(copy.deepcopy(gm), list(example_inputs)))
+        return compiled, "\n\n".join(codes) or None
     with tracing(TracingContext(fake_mode)), _python_calls_cacheable(gm):
         # compile_fx rewrites the module's codegen in place: give it a copy.
         compiled, codes = run_and_get_code(lambda: compile_fx(copy.deepcopy(gm), fakes))
