@@ -55,13 +55,20 @@ def scale_from_norm(norm, mu, bits):
     return norm / (mu * offset_bounds(bits)[1])
 
 
-def saturated_fraction(offset, bits):
-    """The fraction of a ``bits``-bit offset's entries that sit at the saturation bounds, as a 0-d tensor
-    (0 for ``bits=None`` and for an empty offset)."""
-    if bits is None or offset.numel() == 0:
-        return torch.zeros((), device=offset.device)
-    low, high = offset_bounds(bits)
-    return ((offset == low) | (offset == high)).float().mean()
+def saturated_fractions(offsets, bits):
+    """For each ``bits``-bit offset in ``offsets``, the fraction of its entries at the saturation bounds, as one
+    float32 vector (zeros for ``bits=None`` and for empty offsets). A handful of ops for any number of tensors."""
+    if bits is None:
+        return torch.zeros(len(offsets), device=offsets[0].device)
+    high = offset_bounds(bits)[1]
+    lengths = [z.numel() for z in offsets]
+    # float32 holds every integer and half-integer involved up to 24 bits; wider offsets are checked in float64.
+    flat = torch.cat([z.reshape(-1) for z in offsets]).to(torch.float32 if bits <= 23 else torch.float64)
+    # |z + 1/2| is high + 1/2 at both bounds and at most high - 1/2 elsewhere, so this is 1 at the bounds and 0
+    # elsewhere: float arithmetic, which ATen runs several times faster than integer comparisons into bools.
+    at_bounds = torch.clamp((flat + 0.5).abs_() - (high - 0.5), 0.0, 1.0)
+    counts = torch.stack([part.sum() for part in at_bounds.split(lengths)])
+    return (counts / torch.tensor(lengths, device=flat.device).clamp(min=1)).float()
 
 
 def dequantize(anchor, offset, scale):
@@ -146,8 +153,15 @@ def round_to_grid(x, bits, rounding, key):
     ``"nearest"`` is ``floor(x + 0.5)``. Returns a float tensor holding integers.
     """
     low, high = offset_bounds(bits)
-    shift = uniform_noise(x, key) if rounding == "stochastic" else 0.5
-    return torch.clamp(torch.floor(x + shift), low, high)
+    if rounding == "stochastic":
+        # floor(x) + floor(frac(x) + U): the fraction is exact, so an x on the grid stays there. Adding U to x
+        # itself rounds k + U up to k + 1 whenever U is within half a unit in the last place of k below 1
+        # (for k = 512 in float32, one draw in 2**15), which would bias every rounding of a grid point upwards.
+        whole = torch.floor(x)
+        rounded = whole + torch.floor((x - whole) + uniform_noise(x, key))
+    else:
+        rounded = torch.floor(x + 0.5)
+    return torch.clamp(rounded, low, high)
 
 
 def offset_step(offset, scale, direction, lr, bits, rounding, key=None):

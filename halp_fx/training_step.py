@@ -191,9 +191,7 @@ class TrainingStep:
                            for n, scale, saturated in zip(self.anchor, scales, self._saturated_fractions()))
 
     def _saturated_fractions(self):
-        if self.bits is None:
-            return [0.0] * len(self.offset)
-        return torch.stack([bit_centering.saturated_fraction(z, self.bits) for z in self.offset.values()]).tolist()
+        return bit_centering.saturated_fractions(list(self.offset.values()), self.bits).tolist()
 
     def state_dict(self):
         """Everything needed to continue exactly: per parameter ``<name>.anchor``, ``.offset``, ``.scale``,

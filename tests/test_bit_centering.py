@@ -274,8 +274,8 @@ def test_stochastic_rounding_goes_to_a_neighbouring_grid_point(values, seed):
 @PROPERTY
 @given(bits=EXACT_BITS, seed=st.integers(0, 2 ** 32 - 1), data=st.data())
 def test_stochastic_rounding_leaves_grid_points_unchanged(bits, seed, data):
-    # Kept to |k| < 2**16: above that float32 cannot hold k + U apart from k + 1 for U near 1.
-    low, high = bc.offset_bounds(min(bits, 17))
+    # Every integer a float32 holds exactly (|k| <= 2**23 here): k + U alone would round up to k + 1 for U near 1.
+    low, high = bc.offset_bounds(bits)
     grid = data.draw(st.lists(st.integers(low, high), min_size=1, max_size=16))
     rounded = bc.round_to_grid(torch.tensor(grid, dtype=torch.float32), bits, "stochastic", key(seed))
     assert rounded.tolist() == [float(v) for v in grid]
@@ -338,3 +338,25 @@ def test_uniform_noise_fills_every_tenth_of_zero_one_evenly():
     counts, _ = np.histogram(noise, bins=10, range=(0.0, 1.0))
     expected, sigma = n / 10, math.sqrt(n * 0.1 * 0.9)
     assert np.all(np.abs(counts - expected) < 5 * sigma), counts
+
+
+# -- saturated_fractions ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_saturated_fractions_count_entries_at_either_bound_per_tensor(bits):
+    low, high = bc.offset_bounds(bits)
+    dtype = bc.offset_dtype(bits)
+    offsets = [torch.tensor([low, high, low + 1, high - 1], dtype=dtype), torch.zeros(0, dtype=dtype),
+               torch.tensor([[high, 0], [0, 0]], dtype=dtype)]
+    assert bc.saturated_fractions(offsets, bits).tolist() == [0.5, 0.0, 0.25]
+
+
+def test_saturated_fractions_of_full_precision_offsets_are_zero():
+    assert bc.saturated_fractions([torch.full((3,), 1e9)], None).tolist() == [0.0]
+
+
+def test_stochastic_rounding_keeps_grid_points_even_for_noise_just_below_one():
+    """512 + (1 - 2**-24) is 513 in float32: the rounding must not add the noise to the integer part."""
+    grid = torch.arange(-2 ** 12, 2 ** 12, dtype=torch.float32)
+    for seed in range(64):
+        assert torch.equal(bc.round_to_grid(grid, 16, "stochastic", key(seed)), grid)
