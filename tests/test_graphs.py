@@ -61,29 +61,20 @@ def forward(self, weight, bias, batch_0, batch_1, lr):
     sub_1 = torch.ops.aten.sub.Tensor(bias, mul_1)
     return (view, sub, sub_1)""")
 
-    def test_after_dequantize_weights(self):
-        self.assertExpectedInline(graph_code(self.graphs["dequantize_weights"]), """\
-def forward(self, anchor_weight, offset_weight, scale_weight, anchor_bias, offset_bias, scale_bias, batch_0, batch_1, lr):
-    w_weight = halp_fx_bit_centering_dequantize(anchor_weight, offset_weight, scale_weight)
-    w_bias = halp_fx_bit_centering_dequantize(anchor_bias, offset_bias, scale_bias)
-    t = torch.ops.aten.t.default(w_weight)
-    addmm = torch.ops.aten.addmm.default(w_bias, batch_0, t)
-    mse_loss = torch.ops.aten.mse_loss.default(addmm, batch_1)
-    view = torch.ops.aten.view.default(mse_loss, [])
-    ones_like = torch.ops.aten.ones_like.default(view, pin_memory = False, memory_format = torch.preserve_format)
-    view_1 = torch.ops.aten.view.default(ones_like, [])
-    mse_loss_backward = torch.ops.aten.mse_loss_backward.default(view_1, addmm, batch_1, 1)
-    t_1 = torch.ops.aten.t.default(mse_loss_backward)
-    mm = torch.ops.aten.mm.default(t_1, batch_0)
-    t_2 = torch.ops.aten.t.default(mm)
-    sum_1 = torch.ops.aten.sum.dim_IntList(mse_loss_backward, [0], True)
-    view_2 = torch.ops.aten.view.default(sum_1, [1])
-    t_3 = torch.ops.aten.t.default(t_2)
-    mul = torch.ops.aten.mul.Tensor(lr, t_3)
-    sub = torch.ops.aten.sub.Tensor(w_weight, mul)
-    mul_1 = torch.ops.aten.mul.Tensor(lr, view_2)
-    sub_1 = torch.ops.aten.sub.Tensor(w_bias, mul_1)
-    return (view, sub, sub_1)""")
+    def test_dequantize_weights_turns_each_parameter_into_anchor_offset_and_scale(self):
+        self.assertExpectedInline(changes(self.graphs["captured"], self.graphs["dequantize_weights"]), """\
+-def forward(self, weight, bias, batch_0, batch_1, lr):
+-    t = torch.ops.aten.t.default(weight)
+-    addmm = torch.ops.aten.addmm.default(bias, batch_0, t)
++def forward(self, anchor_weight, offset_weight, scale_weight, anchor_bias, offset_bias, scale_bias, batch_0, batch_1, lr):
++    w_weight = halp_fx_bit_centering_dequantize(anchor_weight, offset_weight, scale_weight)
++    w_bias = halp_fx_bit_centering_dequantize(anchor_bias, offset_bias, scale_bias)
++    t = torch.ops.aten.t.default(w_weight)
++    addmm = torch.ops.aten.addmm.default(w_bias, batch_0, t)
+-    sub = torch.ops.aten.sub.Tensor(weight, mul)
++    sub = torch.ops.aten.sub.Tensor(w_weight, mul)
+-    sub_1 = torch.ops.aten.sub.Tensor(bias, mul_1)
++    sub_1 = torch.ops.aten.sub.Tensor(w_bias, mul_1)""")
 
     def test_after_svrg_correction(self):
         self.assertExpectedInline(graph_code(self.graphs["svrg_correction"]), """\
