@@ -30,16 +30,18 @@ def compile_graph(gm, example_inputs):
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
+    def compile_on(inputs):
+        # compile_fx rewrites the module's codegen in place: give it a copy.
+        compiled, codes = run_and_get_code(lambda: compile_fx(copy.deepcopy(gm), inputs))
+        return compiled, "\n\n".join(codes) or None
+
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
     try:
         fakes = [fake_mode.from_tensor(t, static_shapes=True) for t in example_inputs]
     except TypeError:  # an older torch without static_shapes=: compile as before, without the FX graph cache
-        compiled, codes = run_and_get_code(lambda: compile_fx(copy.deepcopy(gm), list(example_inputs)))
-        return compiled, "\n\n".join(codes) or None
+        return compile_on(list(example_inputs))
     with tracing(TracingContext(fake_mode)), _python_calls_cacheable(gm):
-        # compile_fx rewrites the module's codegen in place: give it a copy.
-        compiled, codes = run_and_get_code(lambda: compile_fx(copy.deepcopy(gm), fakes))
-    return compiled, "\n\n".join(codes) or None
+        return compile_on(fakes)
 
 
 def _python_calls_cacheable(gm):

@@ -150,9 +150,9 @@ class TrainingStep:
         if total == 0:
             raise ValueError("the full gradient saw no batch: data_loader (or batches=) is empty")
         self._warn_if_saturated()
-        torch._foreach_div_(list(full_grad.values()), total)
+        torch._foreach_div_(accumulators, total)
         # A norm is NaN or infinite when an element is: one check, one host sync, for all tensors.
-        norms = torch._foreach_norm(list(full_grad.values()))
+        norms = torch._foreach_norm(accumulators)
         if not bool(torch.isfinite(torch.stack(norms)).all()):
             self.nonfinite_steps += 1
             if self.on_nonfinite == "raise":
@@ -187,11 +187,9 @@ class TrainingStep:
     def stats(self):
         """Per tensor: ``scale`` and ``saturated``, the fraction of offset entries at the integer bounds now."""
         scales = torch.stack(list(self.scale.values())).tolist()
-        return OrderedDict((n, {"scale": scale, "saturated": saturated})
-                           for n, scale, saturated in zip(self.anchor, scales, self._saturated_fractions()))
-
-    def _saturated_fractions(self):
-        return bit_centering.saturated_fractions(list(self.offset.values()), self.bits).tolist()
+        saturated = bit_centering.saturated_fractions(list(self.offset.values()), self.bits).tolist()
+        return OrderedDict((n, {"scale": scale, "saturated": fraction})
+                           for n, scale, fraction in zip(self.anchor, scales, saturated))
 
     def state_dict(self):
         """Everything needed to continue exactly: per parameter ``<name>.anchor``, ``.offset``, ``.scale``,
