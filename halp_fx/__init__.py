@@ -3,11 +3,32 @@
 ``halp_fx.transform(model, bits=8)`` returns a training step whose parameters
 are float32 anchors plus integer offsets with one scale per tensor.
 """
-from .capture import CaptureError
-from .checkpoint import load_checkpoint, save_checkpoint
-from .training_step import NonFiniteError, SaturationWarning, TrainingStep
-from .transform import transform
+import importlib.util
+import os
+import sys
 
-__all__ = ["transform", "TrainingStep", "NonFiniteError", "SaturationWarning", "CaptureError",
-           "save_checkpoint", "load_checkpoint"]
+
+def _passes_from_a_checkout():
+    """``passes/`` sits at the top of the repository and is installed as ``halp_fx.passes``; in a plain checkout,
+    not installed, the same folder is loaded under that name."""
+    if importlib.util.find_spec(__name__ + ".passes") is not None:
+        return
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "passes")
+    spec = importlib.util.spec_from_file_location(__name__ + ".passes", os.path.join(folder, "__init__.py"),
+                                                  submodule_search_locations=[folder])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+
+
+_passes_from_a_checkout()
+
+from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from .errors import (CaptureError, NonFiniteError, PassError, SaturationWarning, ShapeWarning,  # noqa: E402
+                     SmallBatchWarning)
+from .training_step import TrainingStep  # noqa: E402
+from .transform import transform  # noqa: E402
+
+__all__ = ["transform", "TrainingStep", "NonFiniteError", "SaturationWarning", "SmallBatchWarning", "ShapeWarning",
+           "CaptureError", "PassError", "save_checkpoint", "load_checkpoint"]
 __version__ = "0.1.0"

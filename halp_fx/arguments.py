@@ -31,10 +31,37 @@ def check_bits(bits):
     return int(bits)
 
 
+_FLOAT32 = torch.finfo(torch.float32)
+
+
 def check_positive(name, value):
+    """A finite number > 0 that float32 holds as such: the step computes with it in float32, where 1e39 would
+    be infinite and 1e-46 zero."""
     if not _is_real(value) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+    if not _FLOAT32.tiny <= value <= _FLOAT32.max:
+        raise ValueError(f"{name} must be a finite number > 0 that float32 can hold (from {_FLOAT32.tiny:.3g} to "
+                         f"{_FLOAT32.max:.3g}); got {value!r}")
     return float(value)
+
+
+def check_seed(seed):
+    if not _is_int(seed) or not 0 <= seed < 2 ** 31:
+        raise ValueError(f"seed must be an int in [0, 2**31); got {seed!r}")
+    return int(seed)
+
+
+def check_compile(compile):
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False; got {compile!r}")
+    return compile
+
+
+def check_count(name, value):
+    """A counter read from a state dict: an int >= 0."""
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"state dict entry {name!r} must be an int >= 0; got {value!r}")
+    return int(value)
 
 
 def check_momentum(momentum):
@@ -95,7 +122,20 @@ def check_parameters(named_parameters, owner="model"):
     if len(devices) > 1:
         raise ValueError(f"the {owner}'s parameters are on several devices ({', '.join(sorted(map(str, devices)))}); "
                          "move the model to one device first, e.g. model.to('cuda')")
+    for name, p in trainable:
+        if p.device.type == "meta":
+            raise ValueError(f"parameter {name!r} is on the meta device: it has no values to train. Materialize "
+                             "the model first (model.to_empty(device='cpu') and initialize it, or load a state dict)")
     return trainable
+
+
+def check_float32_parameters(trainable, owner="model"):
+    """transform() trains float32 models: its anchors, full gradients and graphs are float32."""
+    for name, p in trainable:
+        if p.dtype != torch.float32:
+            raise TypeError(f"parameter {name!r} of the {owner} has dtype {p.dtype}; halp_fx.transform trains "
+                            "float32 models (the anchor, full gradient and step are float32). Convert it with "
+                            "model.float() and feed float32 batches")
 
 
 def as_batch(batch):
@@ -112,3 +152,18 @@ def _describe(batch):
     if isinstance(batch, (tuple, list)):
         return f"a {type(batch).__name__} of ({', '.join(type(t).__name__ for t in batch)})"
     return type(batch).__name__
+
+
+def check_transform_arguments(bits, lr, mu, T, momentum, weight_decay, rounding, on_nonfinite, data_loader, seed,
+                              saturation_warning, loss_fn, compile):
+    """Every argument of ``transform`` but the model, checked, as a dict of their normalized values."""
+    if not isinstance(saturation_warning, (int, float)) or not 0 < saturation_warning <= 1:
+        raise ValueError(f"saturation_warning must be a fraction in (0, 1]; got {saturation_warning!r}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(output, target), or None; got {type(loss_fn).__name__}")
+    return dict(bits=check_bits(bits), lr=check_positive("lr", lr), mu=check_positive("mu", mu), T=check_T(T),
+                momentum=check_momentum(momentum), weight_decay=check_weight_decay(weight_decay),
+                rounding=check_rounding(rounding), on_nonfinite=check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE),
+                data_loader=check_data_loader(data_loader), seed=check_seed(seed),
+                saturation_warning=float(saturation_warning), loss_fn=loss_fn, compile=check_compile(compile))
+

@@ -168,14 +168,11 @@ def round_to_grid(x, bits, rounding, key):
     return torch.clamp(rounded, low, high)
 
 
-def offset_step(offset, scale, direction, lr, bits, rounding, key=None):
-    """One HALP update of the offset: ``Z <- Q(Z - lr * direction / d)``.
+def moved_offset(offset, scale, direction, lr, bits):
+    """``Z - lr * direction / d`` before rounding, in the precision the offset moves in.
 
-    ``direction`` is the corrected gradient (after weight decay and momentum). A
-    tensor with ``d == 0`` keeps its offset. The new offset has the dtype of a
-    ``bits``-bit offset whatever ``offset``'s dtype: the compiled CPU step reads
-    the old one widened to float32 (see ``TrainingStep``). With ``bits=None`` there is no
-    rounding: the float32 offset moves by ``-lr * direction``.
+    A tensor with ``d == 0`` does not move. It is what the non-finite guard
+    checks: finite exactly when the direction and ``lr / d`` are.
     """
     if bits is None:
         return offset - lr * direction
@@ -183,7 +180,24 @@ def offset_step(offset, scale, direction, lr, bits, rounding, key=None):
     work = torch.float64 if bits > 24 else torch.float32
     # lr / d is one scalar: the per-element work is a multiply and a subtract.
     step_size = torch.where(scale > 0, lr / scale, torch.zeros_like(scale)).to(work)
-    moved = offset.to(work) - direction.to(work) * step_size
+    return offset.to(work) - direction.to(work) * step_size
+
+
+def offset_step(offset, scale, direction, lr, bits, rounding, key=None):
+    """One HALP update of the offset: ``Z <- Q(Z - lr * direction / d)``.
+
+    ``direction`` is the corrected gradient (after weight decay and momentum). A
+    tensor with ``d == 0`` keeps its offset. The new offset has the dtype of a
+    ``bits``-bit offset whatever ``offset``'s dtype: the compiled CPU step reads
+    the old one widened to float32 (see :mod:`halp_fx.programs`). With ``bits=None`` there is no
+    rounding: the float32 offset moves by ``-lr * direction``.
+    """
+    return _rounded(moved_offset(offset, scale, direction, lr, bits), bits, rounding, key)
+
+
+def _rounded(moved, bits, rounding, key):
+    if bits is None:
+        return moved
     return round_to_grid(moved, bits, rounding, key).to(offset_dtype(bits))
 
 
@@ -200,3 +214,52 @@ def with_weight_decay(grad, weight, weight_decay):
 def momentum_step(momentum_buffer, direction, momentum):
     """The new float32 momentum buffer ``m * v + direction``; the offset then moves along it."""
     return momentum * momentum_buffer + direction
+
+
+def offset_update(offset, scale, weight, corrected_grad, momentum_buffer, lr, *, weight_decay, momentum, bits,
+                  rounding, key=None):
+    """The inner step after the SVRG correction: weight decay on ``W``, then momentum, then the offset step.
+
+    Returns ``(new offset, direction, moved)``: ``direction`` is the new momentum
+    buffer when ``momentum_buffer`` is given, ``moved`` the offset before rounding
+    (see :func:`moved_offset`). ``weight_decay`` and ``momentum`` are numbers
+    (constants of a graph) or 0-d tensors (so a scheduler changing them does not
+    recompile the optimizers' update); a number 0 adds no operation.
+    """
+    direction = corrected_grad
+    if isinstance(weight_decay, torch.Tensor) or weight_decay:
+        direction = with_weight_decay(direction, weight, weight_decay)
+    if momentum_buffer is not None:
+        direction = momentum_step(momentum_buffer, direction, momentum)
+    moved = moved_offset(offset, scale, direction, lr, bits)
+    return _rounded(moved, bits, rounding, key), direction, moved
+
+
+def inner_step(anchor, offset, scale, grad, anchor_grad, full_grad, momentum_buffer, lr, *, weight_decay, momentum,
+               bits, rounding, key=None):
+    """One HALP inner step of one tensor, the whole rule in the order it runs.
+
+    ``dequantize`` -> ``svrg_corrected`` -> ``offset_update`` (weight decay,
+    momentum, offset step). The optimizers call this function; the passes insert
+    its three stages into the captured graph, one pass each (dequantize_weights,
+    svrg_correction, offset_update), so the two routes run the same arithmetic.
+    Returns :func:`offset_update`'s ``(new offset, direction, moved)``.
+    """
+    weight = dequantize(anchor, offset, scale)
+    corrected = svrg_corrected(grad, anchor_grad, full_grad)
+    return offset_update(offset, scale, weight, corrected, momentum_buffer, lr, weight_decay=weight_decay,
+                         momentum=momentum, bits=bits, rounding=rounding, key=key)
+
+
+def all_finite(*tensors):
+    """True (a 0-d bool tensor) when no element of any tensor is NaN or infinite.
+
+    Read from the sum of all elements, which is NaN or infinite whenever an
+    element is: one addition per element, fused into the kernels that compute
+    the tensors, instead of a chain of comparisons. The check errs on the safe
+    side: a sum beyond float32's range (about 3.4e38) also counts as non-finite.
+    """
+    total = tensors[0].sum()
+    for tensor in tensors[1:]:
+        total = total + tensor.sum()
+    return torch.isfinite(total)

@@ -1,18 +1,16 @@
-"""Capture: an ``nn.Module`` and its loss become plain aten-level FX graphs.
+"""Capture: an ``nn.Module`` and its loss become one plain aten-level FX graph, the gradient of a batch.
 
-Two graphs are captured with ``make_fx`` over a functional step
-(``torch.func.functional_call`` + ``torch.func.grad_and_value``, buffers passed
-in explicitly and returned updated, never mutated):
+The graph is traced with ``make_fx`` over a functional step
+(``torch.func.functional_call`` + ``torch.func.grad_and_value``; buffers are
+passed in and returned, never mutated in place)::
 
-* the *training step*: ``(params, frozen, buffers, batch, lr) -> (loss, params - lr * grads, buffers)``,
-  the plain SGD step that the passes in :mod:`halp_fx.passes` rewrite into HALP;
-* the *gradient*: ``(params, frozen, buffers, batch) -> (loss, grads)``, used by
-  recentering for the full gradient; it updates no buffer.
+    (params, frozen, buffers, batch) -> (loss, grads, new buffers)
 
-Every placeholder is named after what it holds and carries its role in
-``node.meta["halp_role"]`` (``("param", "fc1.weight")``, ``("batch", 0)``, ...);
-the output node carries the list of its values' roles. Passes find nodes by
-role, never by position.
+It serves twice: the passes in :mod:`halp_fx.passes` rewrite it into the HALP
+step, and the recenter runs it as it is for the full gradient (its buffer
+outputs ignored). Every placeholder is named after what it holds and carries
+its role (:mod:`halp_fx.roles`); the output node carries its values' roles.
+Passes find nodes by role, never by position.
 """
 import contextlib
 import re
@@ -22,12 +20,8 @@ import torch
 from torch.func import functional_call, grad_and_value
 from torch.fx.experimental.proxy_tensor import make_fx
 
-ROLE = "halp_role"
-OUTPUT_ROLES = "halp_output_roles"
-
-
-class CaptureError(RuntimeError):
-    """The model's training step could not be traced into a graph."""
+from .errors import CaptureError
+from .roles import OUTPUT_ROLES, ROLE, Role
 
 
 @dataclass(frozen=True)
@@ -39,6 +33,13 @@ class Signature:
     buffer_names: tuple
     batch_size: int  # number of tensors in a batch
 
+    def input_roles(self):
+        return ([(Role.PARAM, n) for n in self.param_names] + [(Role.FROZEN, n) for n in self.frozen_names]
+                + [(Role.BUFFER, n) for n in self.buffer_names] + [(Role.BATCH, i) for i in range(self.batch_size)])
+
+    def output_roles(self):
+        return [(Role.LOSS, None)] + [(Role.GRAD, n) for n in self.param_names] + [(Role.BUFFER, n) for n in self.buffer_names]
+
 
 def signature_of(model, batch_size):
     params = tuple(n for n, p in model.named_parameters() if p.requires_grad)
@@ -49,47 +50,73 @@ def signature_of(model, batch_size):
 
 def identifier(name):
     """``"layers.0.weight"`` -> ``"layers_0_weight"``: a Python name for a graph node."""
-    name = re.sub(r"\W", "_", name)
+    name = re.sub(r"\W", "_", str(name))
     return "p" + name if name[0].isdigit() else name
+
+
+def input_name(role):
+    """The placeholder name of a role: ``(PARAM, "fc.weight")`` -> ``fc_weight``, ``(ANCHOR, "fc.weight")`` ->
+    ``anchor_fc_weight``, ``(BATCH, 0)`` -> ``batch_0``, ``(LR, None)`` -> ``lr``."""
+    kind, name = role
+    if name is None:
+        return kind.value
+    if kind is Role.BATCH:
+        return f"batch_{name}"
+    if kind in (Role.PARAM, Role.FROZEN, Role.BUFFER):
+        return identifier(name)
+    return f"{kind.value}_{identifier(name)}"
 
 
 def _loss_of(model, loss_fn, sig):
     def loss(params, frozen, buffers, batch):
         state = {**dict(zip(sig.param_names, params)), **dict(zip(sig.frozen_names, frozen)),
                  **dict(zip(sig.buffer_names, buffers))}
-        if loss_fn is None:
-            value = functional_call(model, state, tuple(batch))
-        else:
-            value = loss_fn(functional_call(model, state, tuple(batch[:-1])), batch[-1])
+        with _buffers_after_forward(model) as after:
+            if loss_fn is None:
+                value = functional_call(model, state, tuple(batch))
+            else:
+                value = loss_fn(functional_call(model, state, tuple(batch[:-1])), batch[-1])
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             what = type(value).__name__ if not isinstance(value, torch.Tensor) else f"a tensor of shape {tuple(value.shape)}"
             source = "loss_fn" if loss_fn is not None else "the model's forward (loss_fn=None)"
             raise CaptureError(f"{source} must return a scalar loss, got {what}; "
                                "reduce it with .mean() or pass loss_fn=")
-        return value.reshape(()), buffers
+        return value.reshape(()), [_updated_buffer(name, passed, after.get(name, passed))
+                                   for name, passed in zip(sig.buffer_names, buffers)]
     return loss
 
 
-def _split(flat, sig, with_lr):
+@contextlib.contextmanager
+def _buffers_after_forward(model):
+    """The model's buffers as its forward left them, read by a forward hook while ``functional_call``'s
+    substitution is still in place: a buffer that forward reassigned (``self.ema = 0.9 * self.ema + ...``)
+    is a new tensor there, and is carried out of the step like one updated in place."""
+    after = {}
+
+    def read(module, args, output):
+        after.update(module.named_buffers())
+    handle = model.register_forward_hook(read)
+    try:
+        yield after
+    finally:
+        handle.remove()
+
+
+def _updated_buffer(name, passed, now):
+    if now is passed:
+        return passed
+    if not isinstance(now, torch.Tensor) or now.shape != passed.shape or now.dtype != passed.dtype:
+        got = f"{tuple(now.shape)} {now.dtype}" if isinstance(now, torch.Tensor) else type(now).__name__
+        raise CaptureError(f"buffer {name!r} is reassigned in forward to {got}; it was {tuple(passed.shape)} "
+                           f"{passed.dtype}. A buffer may change its value, not its shape or dtype")
+    return now
+
+
+def _split(flat, sig):
     p, f, b = len(sig.param_names), len(sig.frozen_names), len(sig.buffer_names)
     params, frozen, buffers = flat[:p], flat[p:p + f], flat[p + f:p + f + b]
     batch = flat[p + f + b:p + f + b + sig.batch_size]
-    return params, frozen, [t.clone() for t in buffers], batch, (flat[-1] if with_lr else None)
-
-
-def _input_roles(sig, with_lr):
-    roles = [("param", n) for n in sig.param_names] + [("frozen", n) for n in sig.frozen_names]
-    roles += [("buffer", n) for n in sig.buffer_names] + [("batch", i) for i in range(sig.batch_size)]
-    return roles + ([("lr", None)] if with_lr else [])
-
-
-def _role_name(role):
-    kind, name = role
-    if kind == "batch":
-        return f"batch_{name}"
-    if kind == "lr":
-        return "lr"
-    return identifier(name)
+    return params, frozen, [t.clone() for t in buffers], batch
 
 
 @contextlib.contextmanager
@@ -114,10 +141,37 @@ def _module_path_tracker(model):
             h.remove()
 
 
-def _trace(fn, example, model, roles, output_roles):
+def _with_named_inputs(gm, roles, output_roles):
+    """A copy of ``gm`` whose placeholders are named after their roles and tagged with them.
+
+    The graph is rebuilt (``Graph.graph_copy``) rather than its nodes renamed in
+    place, which needs no private FX API on any torch version.
+    """
+    graph = torch.fx.Graph()
+    env = {}
+    for node, role in zip([n for n in gm.graph.nodes if n.op == "placeholder"], roles):
+        env[node] = graph.placeholder(input_name(role))
+        env[node].meta = {**node.meta, ROLE: role}
+    out = graph.graph_copy(gm.graph, env)
+    output = graph.output(out)
+    output.meta[OUTPUT_ROLES] = list(output_roles)
+    graph.lint()
+    return torch.fx.GraphModule(gm, graph)
+
+
+def capture_gradient(model, loss_fn, sig, example):
+    """Trace ``(params, frozen, buffers, batch) -> (loss, grads, new buffers)`` on ``example``, the flat input list."""
+    loss_of = _loss_of(model, loss_fn, sig)
+
+    def gradient(*flat):
+        params, frozen, buffers, batch = _split(flat, sig)
+        grads, (loss, new_buffers) = grad_and_value(lambda p, b: loss_of(p, frozen, b, batch), has_aux=True)(
+            list(params), buffers)
+        return (loss, *grads, *new_buffers)
+
     with _module_path_tracker(model) as stack:
         try:
-            gm = make_fx(fn, tracing_mode="fake")(*example)
+            gm = make_fx(gradient, tracing_mode="fake")(*example)
         except CaptureError:
             raise
         except Exception as error:
@@ -129,41 +183,9 @@ def _trace(fn, example, model, roles, output_roles):
                 "(if/while on tensor values, .item(), .tolist()) and in-place updates of "
                 "module attributes cannot be captured. Rewrite that part with tensor ops "
                 "(torch.where, masking), or keep it outside the model's forward.") from error
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node, role in zip(placeholders, roles):
-        node.meta[ROLE] = role
-        node.target = _role_name(role)
-        node._rename(node.target)
-    output = next(n for n in gm.graph.nodes if n.op == "output")
-    output.meta[OUTPUT_ROLES] = output_roles
-    gm.graph.lint()
-    gm.recompile()
-    return gm
+    return _with_named_inputs(gm, sig.input_roles(), sig.output_roles())
 
 
-def capture_training_step(model, loss_fn, sig, example):
-    """Trace the plain SGD step. ``example`` is the flat input list (params, frozen, buffers, batch, lr)."""
-    loss_of = _loss_of(model, loss_fn, sig)
-
-    def training_step(*flat):
-        params, frozen, buffers, batch, lr = _split(flat, sig, with_lr=True)
-        grads, (loss, buffers) = grad_and_value(lambda p, b: loss_of(p, frozen, b, batch), has_aux=True)(
-            list(params), buffers)
-        return (loss, *[p - lr * g for p, g in zip(params, grads)], *buffers)
-
-    out_roles = [("loss", None)] + [("param", n) for n in sig.param_names] + [("buffer", n) for n in sig.buffer_names]
-    return _trace(training_step, example, model, _input_roles(sig, True), out_roles)
-
-
-def capture_gradient(model, loss_fn, sig, example):
-    """Trace the mean-loss gradient of one batch. ``example`` is (params, frozen, buffers, batch)."""
-    loss_of = _loss_of(model, loss_fn, sig)
-
-    def gradient(*flat):
-        params, frozen, buffers, batch, _ = _split(flat, sig, with_lr=False)
-        grads, (loss, _) = grad_and_value(lambda p, b: loss_of(p, frozen, b, batch), has_aux=True)(
-            list(params), buffers)
-        return (loss, *grads)
-
-    out_roles = [("loss", None)] + [("full_grad", n) for n in sig.param_names]
-    return _trace(gradient, example, model, _input_roles(sig, False), out_roles)
+def data_dependent_nodes(gm):
+    """Nodes that read a tensor's value into Python (``.item()``, ``.tolist()``): eager runs them, Inductor cannot."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten._local_scalar_dense.default]

@@ -1,125 +1,128 @@
-"""The object ``halp_fx.transform`` returns: HALP state plus the compiled step that advances it.
+"""The object ``halp_fx.transform`` returns: the runtime loop that advances a :class:`~halp_fx.state.HalpState`.
 
-State per trainable tensor: ``anchor`` (float32), ``offset`` (integer, or float32
-for ``bits=None``), ``scale`` (float32 scalar), ``full_grad`` (float32) and, with
-momentum, ``momentum`` (float32). The graphs are pure functions of that state:
-a step returns new tensors, and the state is replaced only when the step's
-``all_finite`` flag is True, so a failed or non-finite step changes nothing.
+A call runs one inner step: recenter first when one is due, then the step
+program of the batch's shape (:mod:`halp_fx.programs`). The programs are pure
+functions of the state: a step returns new tensors, and the state takes them
+only when the step's ``all_finite`` flag is True, so a failed or non-finite
+step changes nothing.
 
 Momentum survives a recenter: a recenter moves no weight (the new anchor is the
 old ``A + d*Z``), so the velocity stays meaningful.
 """
 import dataclasses
-import os
 import warnings
-from collections import OrderedDict
+import weakref
 
 import torch
 
-from . import bit_centering, passes
-from .arguments import as_batch
-from .capture import OUTPUT_ROLES, ROLE, capture_gradient, capture_training_step, signature_of
-from .inductor import compile_graph
+from . import arguments, bit_centering, introspection
+from .capture import signature_of
+from .data import full_gradient_batches, has_batch_norm
+from .errors import NonFiniteError, SmallBatchWarning
+from .programs import Programs
+from .recenter import examples_in, full_gradient, recentered, saturated_fraction, warn_if_saturated
+from .roles import Role
+from .state import HalpState
+
+# Parameters whose values a step holds instead of the module (see TrainingStep._release_module_parameters).
+# (Keyed by id: tensors compare by value, so no weak set can hold them.)
+_RELEASED = {}
 
 
-class NonFiniteError(FloatingPointError):
-    """A step's loss or corrected gradient, or a full gradient, was NaN or infinite; no state changed."""
-
-
-class SaturationWarning(UserWarning):
-    """Many offsets sat at the integer bounds during an epoch: mu or lr is too large."""
-
-
-class _Program:
-    """One graph, compiled or not, and how its inputs and outputs map to state roles."""
-
-    def __init__(self, gm, example_inputs, compile, stages=None, summaries=None):
-        self.stages, self.summaries = stages, summaries
-        self.input_roles = [n.meta[ROLE] for n in gm.graph.nodes if n.op == "placeholder"]
-        self.output_roles = next(n for n in gm.graph.nodes if n.op == "output").meta[OUTPUT_ROLES]
-        self.gm = gm
-        self.output_code = None
-        self._positions = {}
-        if compile:
-            self.fn, self.output_code = compile_graph(gm, example_inputs)
-        else:
-            self.fn = gm
-
-    def __call__(self, inputs):
-        return dict(zip(self.output_roles, self.fn(*inputs)))
-
-    def positions(self, roles):
-        """The output positions of ``roles`` (a tuple), looked up once per tuple."""
-        if roles not in self._positions:
-            index = {role: i for i, role in enumerate(self.output_roles)}
-            self._positions[roles] = [index[role] for role in roles]
-        return self._positions[roles]
+def is_released(parameter):
+    """Whether a step holds this parameter's values instead of its module."""
+    ref = _RELEASED.get(id(parameter))
+    return ref is not None and ref() is parameter
+# Without a data loader and without T nothing recenters on its own: saturation is then checked this often.
+SATURATION_CHECK_EVERY = 256
 
 
 class TrainingStep:
     """Callable HALP training step over a model; see :func:`halp_fx.transform`."""
 
-    def __init__(self, model, loss_fn, data_loader, *, bits, lr, T, mu, momentum, weight_decay,
-                 rounding, compile, on_nonfinite, seed, batch_size,
-                 saturation_warning=0.1):
+    def __init__(self, model, *, loss_fn, data_loader, bits, lr, T, mu, momentum, weight_decay, rounding, compile,
+                 on_nonfinite, seed, saturation_warning):
         self.model, self.loss_fn, self.data_loader = model, loss_fn, data_loader
-        self.bits, self.lr, self.mu = bits, lr, mu
-        self.momentum, self.weight_decay, self.rounding = momentum, weight_decay, rounding
+        self.bits, self.rounding, self.compile, self.on_nonfinite = bits, rounding, compile, on_nonfinite
+        self.momentum, self.weight_decay = momentum, weight_decay
+        self.lr, self.mu = lr, mu
         self.T = T if T is not None or data_loader is None else len(data_loader)
-        self.compile, self.on_nonfinite = compile, on_nonfinite
-        self.signature = signature_of(model, batch_size)
-        params = dict(model.named_parameters())
-        self.anchor = OrderedDict((n, params[n].detach().to(torch.float32).clone()) for n in self.signature.param_names)
-        dtype = bit_centering.offset_dtype(bits)
-        self.offset = OrderedDict((n, torch.zeros_like(a, dtype=dtype)) for n, a in self.anchor.items())
-        self.scale = OrderedDict((n, torch.zeros((), device=a.device) if bits is not None else torch.ones((), device=a.device))
-                                 for n, a in self.anchor.items())
-        self.full_grad = OrderedDict((n, torch.zeros_like(a)) for n, a in self.anchor.items())
-        self.momentum_buffer = OrderedDict((n, torch.zeros_like(a)) for n, a in self.anchor.items()) if momentum else OrderedDict()
-        self.frozen = OrderedDict((n, params[n].detach()) for n in self.signature.frozen_names)
-        buffers = dict(model.named_buffers())
-        self.buffers = OrderedDict((n, buffers[n].detach().clone()) for n in self.signature.buffer_names)
-        self.rounding_counter = int(seed) << 32  # seed in the high bits, steps taken in the low bits
-        self.steps_since_recenter = 0
-        self.recenters = 0
-        self.nonfinite_steps = 0
         self.saturation_warning = saturation_warning
-        self._step_programs, self._gradient_programs = {}, {}
-        # Inductor's C++ kernels load int8 through a slow partial-vector path on AVX2 (about 1.7 ns
-        # per element, more than the rest of the update): on CPU the compiled step reads the offsets
-        # of large tensors widened to float32 by one ATen conversion each (about 7 us per call, so
-        # small tensors stay int8), made just before the call and freed after. The stored offsets
-        # stay integers; the arithmetic is the same to the bit.
-        widen = compile and bits is not None and self.device.type == "cpu"
-        self._widened_offsets = {n for n, a in self.anchor.items() if widen and a.numel() >= 4096}
-        self._first_step = None
-        self._lr_cache = (None, None)
+        self.signature = signature_of(model, None)
+        self.state = HalpState(model, self.signature, bits, momentum, seed)
+        hyper = dict(bits=bits, rounding=rounding, momentum=momentum, weight_decay=weight_decay)
+        self.programs = Programs(model, loss_fn, hyper, compile, self.state.device.type == "cpu")
+        self._layout = None  # (ndim, dtype) per batch tensor, recorded once a step has succeeded
+        self._first_examples = None
+        self._has_batch_norm = has_batch_norm(model)
+        self._warned_small_batch = False
+        self._lr_tensor = None
+        # The module's own trainable parameters are released once a step has run (the state holds the
+        # weights); its forward refuses to run on them until sync_model() writes the weights back.
+        self._module_released = self._capturing = False
+        model.register_forward_pre_hook(_refuse_released_weights(weakref.ref(self)))
+
+    # -- hyperparameters that may change between steps ---------------------------------------
+    @property
+    def lr(self):
+        return self._lr
+
+    @lr.setter
+    def lr(self, value):
+        self._lr = arguments.check_positive("lr", value)
+        self._lr_tensor = None
+
+    @property
+    def mu(self):
+        return self._mu
+
+    @mu.setter
+    def mu(self, value):
+        self._mu = arguments.check_positive("mu", value)
+
+    # -- the state, by role ---------------------------------------------------------------------
+    anchor = property(lambda self: self.state[Role.ANCHOR])
+    offset = property(lambda self: self.state[Role.OFFSET])
+    scale = property(lambda self: self.state[Role.SCALE])
+    full_grad = property(lambda self: self.state[Role.FULL_GRAD])
+    momentum_buffer = property(lambda self: self.state[Role.MOMENTUM])
+    buffers = property(lambda self: self.state[Role.BUFFER])
+    frozen = property(lambda self: self.state[Role.FROZEN])
+    rounding_counter = property(lambda self: self.state.rounding_counter)
+    steps_since_recenter = property(lambda self: self.state.steps_since_recenter)
+    recenters = property(lambda self: self.state.recenters)
+    nonfinite_steps = property(lambda self: self.state.nonfinite_steps)
+    device = property(lambda self: self.state.device)
 
     # -- running -----------------------------------------------------------------------------
-    @property
-    def device(self):
-        return next(iter(self.anchor.values())).device
-
     def __call__(self, *batch):
-        batch = as_batch(batch)
-        self._check_batch(batch)
-        if self.steps_since_recenter == 0 and self.recenters == 0 or (
-                self.T is not None and self.steps_since_recenter >= self.T):
+        batch = self._batch(batch, stacklevel=3)
+        state = self.state
+        if state.recenters == 0 or (self.T is not None and state.steps_since_recenter >= self.T):
             self._recenter(None if self.data_loader is not None else [batch])
-        program = self._step_program(batch)
-        results = program(self._inputs(program, batch))
-        if not bool(results[("all_finite", None)]):
-            self.nonfinite_steps += 1
+        entry = self._entry(batch)
+        sources = self._sources(batch)
+        program = self.programs.step_program(entry, sources)
+        results = program(sources)
+        loss = results[0]
+        if not bool(results[-1]):  # the guard's all_finite, the last output
+            state.nonfinite_steps += 1
             if self.on_nonfinite == "raise":
                 raise NonFiniteError(
-                    f"step {self.steps_since_recenter} after recenter {self.recenters}: the loss "
-                    f"({float(results[('loss', None)]):g}) or a corrected gradient is NaN/Inf; no state was "
+                    f"step {state.steps_since_recenter} after recenter {state.recenters}: the loss "
+                    f"({float(loss):g}), a corrected gradient, an update or a new buffer is NaN/Inf; no state was "
                     "changed. Lower lr, check the batch for NaN/Inf, or pass on_nonfinite='skip'.")
-            return results[("loss", None)]
-        self._commit(results)
-        self.rounding_counter += 1
-        self.steps_since_recenter += 1
-        return results[("loss", None)]
+            return loss
+        state.commit(program.output_roles, results)
+        state.rounding_counter += 1
+        state.steps_since_recenter += 1
+        if self._layout is None:
+            self._layout = _layout(batch)
+        if not self._module_released:
+            self._release_module_parameters()
+        if self.T is None and self.data_loader is None and state.steps_since_recenter % SATURATION_CHECK_EVERY == 0:
+            self._warn_if_saturated(stacklevel=2)
+        return loss
 
     def recenter(self, batches=None):
         """Move the anchor to the current weights, take the full gradient there, reset offsets and scales.
@@ -132,254 +135,144 @@ class TrainingStep:
 
     def _recenter(self, batches):
         # Called by recenter() and __call__ alike, so that warnings point at the user's line.
-        source = self.data_loader if batches is None else batches
-        if source is None:
+        if batches is None and self.data_loader is None:
             raise ValueError("recenter() needs batches=[...] or a data_loader passed to transform()")
-        anchor = OrderedDict((n, self._weight(n)) for n in self.anchor)
-        total = 0
-        full_grad = OrderedDict((n, torch.zeros_like(a)) for n, a in anchor.items())
-        accumulators, gradient_roles = list(full_grad.values()), tuple(("full_grad", n) for n in full_grad)
-        for raw in source:
-            batch = as_batch(raw)
-            self._check_batch(batch)
-            program = self._gradient_program(batch)
-            outputs = program.fn(*self._inputs(program, batch, anchor=anchor))
-            examples = batch[0].shape[0] if batch[0].dim() else 1
-            torch._foreach_add_(accumulators, [outputs[i] for i in program.positions(gradient_roles)], alpha=examples)
-            total += examples
-        if total == 0:
-            raise ValueError("the full gradient saw no batch: data_loader (or batches=) is empty")
-        self._warn_if_saturated()
-        torch._foreach_div_(accumulators, total)
-        # A norm is NaN or infinite when an element is: one check, one host sync, for all tensors.
-        norms = torch._foreach_norm(accumulators)
-        if not bool(torch.isfinite(torch.stack(norms)).all()):
-            self.nonfinite_steps += 1
-            if self.on_nonfinite == "raise":
-                raise NonFiniteError("the full gradient is NaN/Inf; the anchor, offsets and scales were not "
-                                     "changed. Check the data for NaN/Inf or lower lr.")
-            return
-        self.anchor, self.full_grad = anchor, full_grad
-        self.scale = OrderedDict((n, bit_centering.scale_from_norm(norm, self.mu, self.bits))
-                                 for n, norm in zip(full_grad, norms))
-        self.offset = OrderedDict((n, torch.zeros_like(z)) for n, z in self.offset.items())
-        self.steps_since_recenter = 0
-        self.recenters += 1
+        source = full_gradient_batches(self.data_loader) if batches is None else batches
+        weights = self.state.weights()
 
-    # -- state ---------------------------------------------------------------------------------
-    def _weight(self, name):
-        return bit_centering.dequantize(self.anchor[name], self.offset[name], self.scale[name])
+        def gradient_of(batch):
+            batch = self._batch(batch, stacklevel=6)
+            entry = self._entry(batch)
+            sources = {**self.state.tensors, Role.PARAM: weights, Role.BATCH: batch}
+            program = self.programs.full_gradient_program(entry, sources)
+            outputs = program(sources)
+            return [outputs[i] for i in program.positions(Role.GRAD)]
 
+        self._warn_if_saturated(stacklevel=3)
+        full_grads, norms = full_gradient(source, gradient_of)
+        n = len(full_grads)
+        centered = recentered(list(weights.values()), full_grads, norms, [self.mu] * n, [self.bits] * n)
+        self.state.recenter(*zip(*centered), full_grads)
+
+    # -- the state and the module ---------------------------------------------------------------
     def weights(self):
         """``{param name: float32 tensor A + d*Z}``, the weights the model currently has."""
-        return OrderedDict((n, self._weight(n)) for n in self.anchor)
+        return self.state.weights()
 
     def sync_model(self):
         """Write the current weights and buffers into the module (for eval/inference) and return it."""
         params, buffers = dict(self.model.named_parameters()), dict(self.model.named_buffers())
         with torch.no_grad():
             for n, w in self.weights().items():
-                params[n].copy_(w)
+                params[n].data = w.to(params[n].dtype)
+                _RELEASED.pop(id(params[n]), None)
             for n, b in self.buffers.items():
                 buffers[n].copy_(b)
+        self._module_released = False
         return self.model
+
+    def _release_module_parameters(self):
+        # The module's float32 parameters would otherwise stay allocated beside anchor, offset and full gradient
+        # (4 more bytes per parameter). Captures of new batch shapes read the state, not the module.
+        with torch.no_grad():
+            for n in self.signature.param_names:
+                p = self.model.get_parameter(n)
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+                _RELEASED[id(p)] = weakref.ref(p, lambda _, key=id(p): _RELEASED.pop(key, None))
+        self._module_released = True
 
     def stats(self):
         """Per tensor: ``scale`` and ``saturated``, the fraction of offset entries at the integer bounds now."""
         scales = torch.stack(list(self.scale.values())).tolist()
         saturated = bit_centering.saturated_fractions(list(self.offset.values()), self.bits).tolist()
-        return OrderedDict((n, {"scale": scale, "saturated": fraction})
-                           for n, scale, fraction in zip(self.anchor, scales, saturated))
+        return {n: {"scale": scale, "saturated": fraction} for n, scale, fraction in zip(self.anchor, scales, saturated)}
+
+    def saturated_fraction(self):
+        """The fraction of all offset entries, over every tensor, at the integer bounds now."""
+        return saturated_fraction(list(self.offset.values()), [self.bits] * len(self.offset))
 
     def state_dict(self):
         """Everything needed to continue exactly: per parameter ``<name>.anchor``, ``.offset``, ``.scale``,
         ``.full_grad`` (and ``.momentum``), ``buffers.<name>``, the rounding counter, the step counters and lr."""
-        state = OrderedDict()
-        for n in self.anchor:
-            state[f"{n}.anchor"], state[f"{n}.offset"] = self.anchor[n], self.offset[n]
-            state[f"{n}.scale"], state[f"{n}.full_grad"] = self.scale[n], self.full_grad[n]
-            if self.momentum:
-                state[f"{n}.momentum"] = self.momentum_buffer[n]
-        for n, b in self.buffers.items():
-            state[f"buffers.{n}"] = b
-        state.update(rounding_counter=self.rounding_counter, steps_since_recenter=self.steps_since_recenter,
-                     recenters=self.recenters,
-                     nonfinite_steps=self.nonfinite_steps, lr=self.lr, bits=self.bits)
-        return OrderedDict((k, v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in state.items())
+        return self.state.state_dict(self.lr)
 
     def load_state_dict(self, state_dict):
-        """Restore a :meth:`state_dict`; a dict from another model or another ``bits`` is an error, and
-        nothing is changed unless every entry fits."""
-        expected = self.state_dict()
-        if state_dict.get("bits", "missing") != self.bits:
-            raise ValueError(f"the state dict was saved with bits={state_dict.get('bits', 'missing')!r}; "
-                             f"this step has bits={self.bits!r}")
-        missing, unexpected = set(expected) - set(state_dict), set(state_dict) - set(expected)
-        if missing or unexpected:
-            raise KeyError(f"the state dict does not fit this model: missing {sorted(missing)[:5]}, "
-                           f"unexpected {sorted(unexpected)[:5]}")
-        for key, mine in expected.items():
-            theirs = state_dict[key]
-            if isinstance(mine, torch.Tensor) and (
-                    not isinstance(theirs, torch.Tensor) or theirs.shape != mine.shape or theirs.dtype != mine.dtype):
-                got = f"{tuple(theirs.shape)} {theirs.dtype}" if isinstance(theirs, torch.Tensor) else type(theirs).__name__
-                raise ValueError(f"state dict entry {key!r} is {got}; this step needs {tuple(mine.shape)} {mine.dtype}")
+        """Restore a :meth:`state_dict`; a dict from another model or another ``bits``, or with a bad counter
+        or lr, is an error, and nothing is changed unless every entry fits."""
+        self.lr = self.state.load_state_dict(state_dict, self.lr)
 
-        def tensor(key):
-            return state_dict[key].detach().clone().to(self.device)
-        for n in self.anchor:
-            self.anchor[n], self.offset[n] = tensor(f"{n}.anchor"), tensor(f"{n}.offset")
-            self.scale[n], self.full_grad[n] = tensor(f"{n}.scale"), tensor(f"{n}.full_grad")
-            if self.momentum:
-                self.momentum_buffer[n] = tensor(f"{n}.momentum")
-        for n in self.buffers:
-            self.buffers[n] = tensor(f"buffers.{n}")
-        self.rounding_counter = state_dict["rounding_counter"]
-        self.steps_since_recenter, self.recenters = state_dict["steps_since_recenter"], state_dict["recenters"]
-        self.nonfinite_steps, self.lr = state_dict["nonfinite_steps"], state_dict["lr"]
-
-    # -- graphs --------------------------------------------------------------------------------
+    # -- reading the graphs ----------------------------------------------------------------------
     @property
     def graphs(self):
-        """Stage name -> GraphModule: the captured plain step, one stage per pass, then the full gradient."""
-        if self._first_step is None:
-            raise RuntimeError("no graph yet: the step is captured on its first call, step(*batch)")
-        step, gradient = self._first_step
-        return OrderedDict(**step.stages, full_gradient=gradient.gm)
+        """Stage name -> GraphModule: the captured gradient graph (which the recenter runs as it is), then one
+        stage per pass."""
+        return introspection.graphs(self.programs)
 
     def explain(self):
         """A readable account of the rewrite: each pass, what it changed, and the final graph's code."""
-        graphs = self.graphs
-        step = self._first_step[0]
-        counts = {name: sum(1 for n in gm.graph.nodes if n.op == "call_function") for name, gm in graphs.items()}
-        mode = "full-precision SVRG (bits=None)" if self.bits is None else f"{self.bits}-bit HALP"
-        lines = [f"halp_fx training step: {mode}, lr={self.lr}, T={self.T}, mu={self.mu}, "
-                 f"rounding={self.rounding!r}, compile={self.compile}",
-                 f"  captured: the plain SGD step, {counts['captured']} aten ops"]
-        for i, (name, summary) in enumerate(step.summaries.items(), 1):
-            lines.append(f"  {i}. {name}: {summary} ({counts[name]} ops)")
-        lines.append(f"  full_gradient: the recenter's gradient graph, {counts['full_gradient']} ops, writes no buffer")
-        final = list(step.stages)[-1]
-        lines += ["", f"final step graph ({final}):", _readable(graphs[final].code)]
-        return "\n".join(lines)
+        return introspection.explain(self)
 
     def dump(self, directory):
         """Write every stage's code, and Inductor's output code when compiled, to ``directory``."""
-        os.makedirs(directory, exist_ok=True)
-        written = []
-        for i, (name, gm) in enumerate(self.graphs.items()):
-            written.append(os.path.join(directory, f"{i:02d}_{name}.py"))
-            with open(written[-1], "w") as f:
-                f.write(_readable(gm.code) + "\n")
-        for label, program in zip(("step", "full_gradient"), self._first_step):
-            if program.output_code:
-                written.append(os.path.join(directory, f"inductor_{label}.py"))
-                with open(written[-1], "w") as f:
-                    f.write(program.output_code)
-        return written
+        return introspection.dump(self, directory)
 
     # -- internals -----------------------------------------------------------------------------
-    def _warn_if_saturated(self):
-        if self.bits is None or self.recenters == 0:
-            return
-        if any(s["saturated"] > self.saturation_warning for s in self.stats().values()):
-            # The text does not change from epoch to epoch, so Python's default filter shows it once per call site
-            # instead of at every recenter; stats() has the figures.
-            warnings.warn(f"some tensors ended an epoch with more than {self.saturation_warning:.0%} of their offsets "
-                          f"at the {self.bits}-bit bounds: the grid is too fine for the steps taken; lower mu or lr "
-                          "(step.stats() gives each tensor's fraction)", SaturationWarning, stacklevel=4)
+    def _batch(self, raw, stacklevel):
+        """The batch as a tuple of contiguous tensors, checked against the layout of the steps so far."""
+        # Contiguous: a program is compiled for the strides of its first batch, and a batch of the same shape
+        # with other strides (a transposed copy, a column slice, channels-last) must run on it too.
+        batch = tuple(t.contiguous() for t in arguments.as_batch(raw))
+        if self._layout is not None and _layout(batch) != self._layout:
+            if len(batch) != len(self._layout):
+                raise ValueError(f"a batch must have {len(self._layout)} tensors, like the first one; got {len(batch)}")
+            raise ValueError(f"the batch's structure changed: expected (ndim, dtype) {self._layout}, got "
+                             f"{_layout(batch)}; only the sizes of a batch may change between steps")
+        examples = examples_in(batch)
+        if self._first_examples is None:
+            self._first_examples = examples
+        elif (self._has_batch_norm and examples * 4 < self._first_examples and not self._warned_small_batch):
+            self._warned_small_batch = True
+            warnings.warn(f"a batch of {examples} examples, against {self._first_examples} in the first: the model "
+                          "has batch-norm layers, whose statistics on so few examples make the gradients at the "
+                          "weights and at the anchor disagree, and SVRG/HALP can collapse. Pass drop_last=True to "
+                          "the DataLoader", SmallBatchWarning, stacklevel=stacklevel)
+        return batch
 
-    def _check_batch(self, batch):
-        if self.signature.batch_size is None:
-            self.signature = dataclasses.replace(self.signature, batch_size=len(batch))
-        if len(batch) != self.signature.batch_size:
-            raise ValueError(f"a batch must have {self.signature.batch_size} tensors, like the first one; "
-                             f"got {len(batch)}")
-        if self._first_step is not None:
-            first = self._first_batch_layout
-            layout = [(t.dim(), t.dtype) for t in batch]
-            if layout != first:
-                raise ValueError(f"the batch's structure changed: expected (ndim, dtype) {first}, got {layout}; "
-                                 "only the sizes of a batch may change between steps")
+    def _entry(self, batch):
+        signature = dataclasses.replace(self.signature, batch_size=len(batch))
+        state = self.state
+        example = (list(state[Role.ANCHOR].values()) + list(state[Role.FROZEN].values())
+                   + list(state[Role.BUFFER].values()) + list(batch))
+        self._capturing = True
+        try:
+            return self.programs.entry(signature, batch, example)
+        finally:
+            self._capturing = False
 
-    def _example(self, batch, with_lr):
-        example = list(self.anchor.values()) + list(self.frozen.values()) + list(self.buffers.values()) + list(batch)
-        return example + ([torch.tensor(self.lr, device=self.device)] if with_lr else [])
+    def _sources(self, batch):
+        if self._lr_tensor is None:
+            self._lr_tensor = torch.tensor(self.lr, dtype=torch.float32, device=self.device)
+        sources = {**self.state.tensors, Role.BATCH: batch, Role.LR: {None: self._lr_tensor}}
+        if self.bits is not None and self.rounding == "stochastic":
+            keys = bit_centering.rounding_keys(self.state.rounding_counter, len(self.anchor), self.device)
+            sources[Role.ROUNDING_KEYS] = {None: keys}
+        return sources
 
-    def _shape_key(self, batch):
-        return tuple((tuple(t.shape), t.dtype, t.device) for t in batch)
-
-    def _step_program(self, batch):
-        key = self._shape_key(batch)
-        if key not in self._step_programs:
-            captured = capture_training_step(self.model, self.loss_fn, self.signature, self._example(batch, True))
-            stages, summaries = passes.run_passes(
-                captured, passes.halp_passes(self.bits, self.rounding, self.momentum, self.weight_decay))
-            final = list(stages.values())[-1]
-            program = _Program(final, None, False, stages, summaries)
-            if self.compile:
-                program = _Program(final, self._inputs(program, batch), True, stages, summaries)
-            self._step_programs[key] = program
-            if self._first_step is None:
-                self._first_step = (program, self._gradient_program(batch))
-                self._first_batch_layout = [(t.dim(), t.dtype) for t in batch]
-        return self._step_programs[key]
-
-    def _gradient_program(self, batch):
-        key = self._shape_key(batch)
-        if key not in self._gradient_programs:
-            gm = capture_gradient(self.model, self.loss_fn, self.signature, self._example(batch, False))
-            program = _Program(gm, None, False)
-            if self.compile:
-                program = _Program(gm, self._inputs(program, batch), True)
-            self._gradient_programs[key] = program
-        return self._gradient_programs[key]
-
-    def _inputs(self, program, batch, anchor=None):
-        values = []
-        for kind, name in program.input_roles:
-            if kind == "batch":
-                values.append(batch[name])
-            elif kind == "param":
-                values.append((anchor or self.anchor)[name])
-            elif kind == "lr":
-                values.append(self._lr_tensor())
-            elif kind == "rounding_keys":
-                values.append(bit_centering.rounding_keys(self.rounding_counter, len(self.anchor), self.device))
-            elif kind == "offset" and name in self._widened_offsets:
-                values.append(self.offset[name].to(torch.float32))
-            else:
-                values.append(self._state(kind)[name])
-        return values
-
-    _STATE_ATTRIBUTES = {"anchor": "anchor", "offset": "offset", "scale": "scale", "full_grad": "full_grad",
-                         "momentum": "momentum_buffer", "frozen": "frozen", "buffer": "buffers"}
-
-    def _state(self, kind):
-        return getattr(self, self._STATE_ATTRIBUTES[kind])
-
-    def _lr_tensor(self):
-        # lr may be changed between steps (a schedule): the tensor follows it, made once per value.
-        if self._lr_cache[0] != self.lr:
-            self._lr_cache = (self.lr, torch.tensor(self.lr, dtype=torch.float32, device=self.device))
-        return self._lr_cache[1]
-
-    def _commit(self, results):
-        for (kind, name), value in results.items():
-            if kind in ("offset", "momentum", "buffer"):
-                self._state(kind)[name] = value
+    def _warn_if_saturated(self, stacklevel):
+        if self.bits is not None:
+            warn_if_saturated(list(self.offset.values()), [self.bits] * len(self.offset), self.saturation_warning,
+                              stacklevel + 1)
 
 
-def _readable(code):
-    """Graph code without the ``x = None`` clean-up statements that only free memory."""
-    lines = []
-    for line in code.strip().splitlines():
-        kept = [s for s in line.split(";") if not _is_cleanup(s)]
-        if kept and "".join(kept).strip():
-            lines.append(";".join(kept).rstrip())
-    return "\n".join(lines)
+def _layout(batch):
+    return [(t.dim(), t.dtype) for t in batch]
 
 
-def _is_cleanup(statement):
-    statement = statement.strip()
-    return statement.endswith("= None") and all(part.strip().isidentifier() for part in statement[:-len("= None")].split("="))
+def _refuse_released_weights(step_ref):
+    def hook(module, args):
+        step = step_ref()
+        if step is not None and step._module_released and not step._capturing:
+            raise RuntimeError("this model's trainable parameters are held by its halp_fx step (as anchor, offset "
+                               "and scale), not by the module: call step.sync_model() to write the current weights "
+                               "into it before running it directly")
+    return hook

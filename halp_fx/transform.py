@@ -2,8 +2,7 @@
 import torch
 
 from . import arguments
-from .capture import signature_of
-from .training_step import TrainingStep
+from .training_step import TrainingStep, is_released
 
 
 def transform(model, bits=8, *, loss_fn=None, data_loader=None, lr=0.01, T=None, mu=0.1, momentum=0.0,
@@ -12,9 +11,9 @@ def transform(model, bits=8, *, loss_fn=None, data_loader=None, lr=0.01, T=None,
     """Capture ``model``'s training step, rewrite it into HALP and compile it.
 
     Args:
-        model: an ``nn.Module``. Its trainable parameters are taken over by the
-            returned step; read them back with ``step.weights()`` or
-            ``step.sync_model()``.
+        model: a float32 ``nn.Module``. Its trainable parameters are taken over by
+            the returned step (the module's own copies are released after the
+            first step); read them back with ``step.weights()`` or ``step.sync_model()``.
         bits: offset width, 2..32 (int8 offsets up to 8, int16 up to 16, else
             int32), or ``None`` for full-precision SVRG through the same graphs.
         loss_fn: ``loss_fn(model(*batch[:-1]), batch[-1])``; with ``None`` the
@@ -28,11 +27,11 @@ def transform(model, bits=8, *, loss_fn=None, data_loader=None, lr=0.01, T=None,
             :mod:`halp_fx.bit_centering` for the exact arithmetic.
         compile: compile the graphs with Inductor; ``False`` runs the same graphs eagerly.
         on_nonfinite: ``"raise"`` a :class:`NonFiniteError` or ``"skip"`` a step
-            whose loss or corrected gradient is NaN/Inf; either way no state changes.
+            whose loss, corrected gradient, update or new buffer is NaN/Inf; either
+            way no state changes. A non-finite full gradient always raises.
         seed: start of the stochastic-rounding counter.
         saturation_warning: at each recenter, warn (:class:`SaturationWarning`)
-            when a tensor ended the epoch with more than this fraction of its
-            offsets at the integer bounds.
+            when more than this fraction of all offsets sit at the integer bounds.
 
     Returns:
         a :class:`halp_fx.training_step.TrainingStep`; ``step(*batch)`` runs one
@@ -40,28 +39,12 @@ def transform(model, bits=8, *, loss_fn=None, data_loader=None, lr=0.01, T=None,
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    bits = arguments.check_bits(bits)
-    lr = arguments.check_positive("lr", lr)
-    mu = arguments.check_positive("mu", mu)
-    T = arguments.check_T(T)
-    momentum = arguments.check_momentum(momentum)
-    weight_decay = arguments.check_weight_decay(weight_decay)
-    rounding = arguments.check_rounding(rounding)
-    on_nonfinite = arguments.check_choice("on_nonfinite", on_nonfinite, arguments.ON_NONFINITE)
-    data_loader = arguments.check_data_loader(data_loader)
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 31:
-        raise ValueError(f"seed must be an int in [0, 2**31); got {seed!r}")
-    if not isinstance(saturation_warning, (int, float)) or not 0 < saturation_warning <= 1:
-        raise ValueError(f"saturation_warning must be a fraction in (0, 1]; got {saturation_warning!r}")
-    if loss_fn is not None and not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable as loss_fn(output, target), or None; got {type(loss_fn).__name__}")
-    if not isinstance(compile, bool):
-        raise TypeError(f"compile must be True or False; got {compile!r}")
-    arguments.check_parameters(model.named_parameters())
-    batch_size = None
-    if data_loader is not None:
-        batch_size = len(arguments.as_batch(next(iter(data_loader))))
-    return TrainingStep(model, loss_fn, data_loader, bits=bits, lr=lr, T=T, mu=mu, momentum=momentum,
-                        weight_decay=weight_decay, rounding=rounding, compile=compile,
-                        on_nonfinite=on_nonfinite, seed=seed, batch_size=batch_size,
-                        saturation_warning=saturation_warning)
+    checked = arguments.check_transform_arguments(bits, lr, mu, T, momentum, weight_decay, rounding, on_nonfinite,
+                                                  data_loader, seed, saturation_warning, loss_fn, compile)
+    trainable = arguments.check_parameters(model.named_parameters())
+    arguments.check_float32_parameters(trainable)
+    held = [n for n, p in trainable if is_released(p)]
+    if held:
+        raise ValueError(f"the model's parameters ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}) are held "
+                         "by another halp_fx step: call that step's sync_model() first, so the module has its weights")
+    return TrainingStep(model, **checked)

@@ -1,12 +1,16 @@
-"""The FX passes that turn a captured plain SGD step into a HALP step, in the order they run.
+"""The FX passes that turn a captured gradient graph into a HALP step, in the order they run.
 
 Each pass is a ``torch.fx.passes.infra.pass_base.PassBase`` in a module of its
-own whose docstring shows the graph before and after it. ``halp_passes`` is the
-one list of them; ``run_passes`` applies it and keeps a copy of the graph after
-every pass, so a reader can follow the rewrite stage by stage.
+own whose docstring shows the graph before and after it, and states the roles
+it needs in the graph (``needs``), so a pass run out of order names the pass
+missing before it. ``halp_passes`` is the one list of them; ``run_passes``
+applies it and keeps a copy of the graph after every pass, so a reader can
+follow the rewrite stage by stage.
 """
 import copy
 from collections import OrderedDict
+
+from halp_fx.errors import PassError
 
 from .dequantize_weights_pass import DequantizeWeightsPass
 from .nonfinite_guard_pass import NonfiniteGuardPass
@@ -18,13 +22,9 @@ __all__ = ["DequantizeWeightsPass", "SvrgCorrectionPass", "OffsetUpdatePass", "N
 
 
 def halp_passes(bits, rounding, momentum, weight_decay):
-    """The HALP rewrite, as ``(stage name, pass)`` pairs in the order they run."""
-    return [
-        ("dequantize_weights", DequantizeWeightsPass(bits)),
-        ("svrg_correction", SvrgCorrectionPass()),
-        ("offset_update", OffsetUpdatePass(bits, rounding, momentum, weight_decay)),
-        ("nonfinite_guard", NonfiniteGuardPass()),
-    ]
+    """The HALP rewrite, in the order it runs."""
+    return [DequantizeWeightsPass(bits), SvrgCorrectionPass(), OffsetUpdatePass(bits, rounding, momentum, weight_decay),
+            NonfiniteGuardPass()]
 
 
 def run_passes(captured, passes):
@@ -32,13 +32,19 @@ def run_passes(captured, passes):
 
     Returns ``(stages, summaries)``: ``stages`` maps ``"captured"`` and then each
     pass's name to the graph module after it; ``summaries`` maps each pass's name
-    to one line saying what it changed.
+    to one line saying what it changed. A pass that fails raises
+    :class:`halp_fx.PassError` naming it.
     """
     stages = OrderedDict(captured=captured)
     summaries = OrderedDict()
     gm = captured
-    for name, graph_pass in passes:
-        gm = graph_pass(copy.deepcopy(gm)).graph_module
-        stages[name] = gm
-        summaries[name] = graph_pass.summary()
+    for graph_pass in passes:
+        try:
+            gm = graph_pass(copy.deepcopy(gm)).graph_module
+        except PassError:
+            raise
+        except Exception as error:
+            raise PassError(f"pass {graph_pass.name} failed: {type(error).__name__}: {error}") from error
+        stages[graph_pass.name] = gm
+        summaries[graph_pass.name] = graph_pass.summary()
     return stages, summaries

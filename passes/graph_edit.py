@@ -1,17 +1,42 @@
-"""Small graph-editing tools the passes share: find nodes by role, add inputs, inline traced code."""
-import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+"""Small graph-editing tools the passes share: find nodes by role or target, add inputs, insert calls.
 
-from halp_fx.capture import OUTPUT_ROLES, ROLE, identifier
+New nodes get their ``meta["val"]`` from the graph's own fake mode (the one
+``make_fx`` traced it with), by running the inserted function on the fake
+values of its arguments.
+"""
+import torch
+
+from halp_fx.capture import input_name
+from halp_fx.roles import OUTPUT_ROLES, ROLE, role_of
+
+
+def fake_mode_of(graph):
+    """The fake mode that made the graph's ``meta["val"]`` tensors."""
+    values = [n.meta["val"] for n in find_nodes(graph, "placeholder") if "val" in n.meta]
+    detect = getattr(torch._guards, "detect_fake_mode", None)
+    mode = detect(values) if detect is not None else None
+    return mode if mode is not None else values[0].fake_mode
+
+
+def find_nodes(graph, op, target=None):
+    """``graph.find_nodes(op=, target=)`` where torch has it (2.4+), the same by a scan elsewhere."""
+    if hasattr(graph, "find_nodes"):
+        return list(graph.find_nodes(op=op, target=target) if target is not None else graph.find_nodes(op=op))
+    return [n for n in graph.nodes if n.op == op and (target is None or n.target == target)]
+
+
+def nodes_with_role(graph, kind):
+    """``{name: node}`` for the nodes (placeholders or computed) whose role is ``(kind, name)``."""
+    return {role_of(n)[1]: n for n in graph.nodes if role_of(n)[0] == kind}
 
 
 def placeholders(graph, kind):
     """``{name: node}`` for the placeholders whose role is ``(kind, name)``."""
-    return {n.meta[ROLE][1]: n for n in graph.nodes if n.op == "placeholder" and n.meta.get(ROLE, ("",))[0] == kind}
+    return {role_of(n)[1]: n for n in find_nodes(graph, "placeholder") if role_of(n)[0] == kind}
 
 
 def output_node(graph):
-    return next(n for n in reversed(graph.nodes) if n.op == "output")
+    return find_nodes(graph, "output")[0]
 
 
 def outputs(graph, kind):
@@ -36,43 +61,35 @@ def append_output(graph, value, role):
 
 
 def device_of(graph):
-    """The device the step runs on (placeholders added by passes only carry a meta-device shape)."""
-    return next(n.meta["val"].device for n in graph.nodes
-                if n.op == "placeholder" and "val" in n.meta and n.meta["val"].device.type != "meta")
+    return next(n.meta["val"].device for n in find_nodes(graph, "placeholder") if "val" in n.meta)
 
 
-def add_input(graph, role, shape, dtype, device, after=None):
-    """A new placeholder named after its role, e.g. ``("anchor", "fc.weight")`` -> ``anchor_fc_weight``."""
-    kind, name = role
-    label = kind if name is None else f"{kind}_{identifier(name)}"
-    last = after or [n for n in graph.nodes if n.op == "placeholder"][-1]
+def add_input(graph, role, shape, dtype, after=None):
+    """A new placeholder named after its role, e.g. ``(ANCHOR, "fc.weight")`` -> ``anchor_fc_weight``."""
+    last = after or find_nodes(graph, "placeholder")[-1]
     with graph.inserting_after(last):
-        node = graph.placeholder(label)
+        node = graph.placeholder(input_name(role))
     node.meta[ROLE] = role
-    node.meta["val"] = torch.empty(shape, dtype=dtype, device="meta")
+    with fake_mode_of(graph):
+        node.meta["val"] = torch.empty(shape, dtype=dtype, device=device_of(graph))
     return node
 
 
-def insert_call(graph, fn, args, kwargs, before, name):
+def insert_call(graph, fn, args, kwargs, before, name, role=None):
     """Insert one node ``name = fn(*args, **kwargs)`` before node ``before``.
 
     ``fn`` is one of :mod:`halp_fx.bit_centering`'s functions, so the graph reads
-    as the algorithm; Inductor traces through it when it compiles. The node's
-    ``meta["val"]`` (shape and dtype) comes from running ``fn`` once on fake
-    tensors, which costs a fraction of tracing it.
+    as the algorithm; Inductor traces through it when it compiles.
     """
-    device = device_of(graph)
-    with FakeTensorMode():
-        def value(a):
-            if not isinstance(a, torch.fx.Node):
-                return a
-            val = a.meta["val"]
-            return torch.empty(val.shape, dtype=val.dtype, device=device)
+    def value(a):
+        return a.meta["val"] if isinstance(a, torch.fx.Node) else a
+    with fake_mode_of(graph):
         result = fn(*[value(a) for a in args], **{k: value(v) for k, v in kwargs.items()})
     with graph.inserting_before(before):
-        node = graph.call_function(fn, tuple(args), dict(kwargs))
+        node = graph.create_node("call_function", fn, tuple(args), dict(kwargs), name=name)
     node.meta["val"] = result
-    node._rename(name)
+    if role is not None:
+        node.meta[ROLE] = role
     return node
 
 

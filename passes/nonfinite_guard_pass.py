@@ -1,52 +1,55 @@
-"""Non-finite guard: the step also returns whether its loss and every corrected gradient are finite.
+"""Non-finite guard: the step also returns whether everything it would commit is finite.
 
 Before::
 
-    return (view, new_offset_fc_weight, ...)
+    return (view, new_offset_weight, new_offset_bias)
 
 After::
 
-    all_finite = halp_fx_passes_nonfinite_guard_pass_all_finite(view, corrected_grad_fc_weight, ...)
-    return (view, new_offset_fc_weight, ..., all_finite)
+    moved_offset_weight = update_weight[2]
+    moved_offset_bias = update_bias[2]
+    all_finite = halp_fx_bit_centering_all_finite(view, moved_offset_weight, moved_offset_bias)
+    return (view, new_offset_weight, new_offset_bias, all_finite)
 
+It checks the loss, each offset before rounding (finite exactly when the
+corrected gradient, weight decay, momentum and ``lr / scale`` are: a NaN there
+would be cast to an arbitrary integer), and each new floating-point buffer.
 The check runs inside the compiled step; the runtime reads one boolean and,
 when it is False, keeps the old state instead of the step's outputs.
 """
-import torch
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+import operator
 
-from halp_fx.capture import ROLE
+from torch.fx.passes.infra.pass_base import PassResult
 
-from .graph_edit import append_output, finish, insert_call, output_node, outputs
+from halp_fx import bit_centering
+from halp_fx.capture import identifier
+from halp_fx.roles import Role
 
-
-def all_finite(*tensors):
-    """True when no element of any tensor is NaN or infinite.
-
-    Read from the sum of all elements, which is NaN or infinite whenever an
-    element is: one addition per element, fused into the kernels that compute
-    the tensors, instead of a chain of comparisons. The check errs on the safe
-    side: a sum beyond float32's range (about 3.4e38) also counts as non-finite.
-    """
-    total = tensors[0].sum()
-    for tensor in tensors[1:]:
-        total = total + tensor.sum()
-    return torch.isfinite(total)
+from .graph_edit import append_output, finish, insert_call, nodes_with_role, output_node, outputs
+from .pass_base import HalpPass
 
 
-class NonfiniteGuardPass(PassBase):
+class NonfiniteGuardPass(HalpPass):
+    name = "nonfinite_guard"
+    needs = ((Role.UPDATE, "offset_update"),)
+
     def __init__(self):
         super().__init__()
-        self.checked = 0
+        self.moved = self.buffers = 0
 
     def call(self, gm):
         graph = gm.graph
-        checked = [value for _, value in outputs(graph, "loss").values()]
-        checked += [n for n in graph.nodes if n.meta.get(ROLE, ("",))[0] == "corrected_grad"]
-        flag = insert_call(graph, all_finite, checked, {}, output_node(graph), "all_finite")
-        append_output(graph, flag, ("all_finite", None))
-        self.checked = len(checked)
+        loss = [value for _, value in outputs(graph, Role.LOSS).values()]
+        out = output_node(graph)
+        moved = [insert_call(graph, operator.getitem, [update, 2], {}, out, f"moved_offset_{identifier(name)}")
+                 for name, update in nodes_with_role(graph, Role.UPDATE).items()]
+        buffers = [value for _, value in outputs(graph, Role.BUFFER).values()
+                   if value.op != "placeholder" and value.meta["val"].dtype.is_floating_point]
+        flag = insert_call(graph, bit_centering.all_finite, loss + moved + buffers, {}, out, "all_finite")
+        append_output(graph, flag, (Role.ALL_FINITE, None))
+        self.moved, self.buffers = len(moved), len(buffers)
         return PassResult(finish(gm), True)
 
     def summary(self):
-        return f"returns all_finite: the loss and {self.checked - 1} corrected gradients checked for NaN/Inf"
+        return (f"returns all_finite: the loss, {self.moved} moved offsets and {self.buffers} new buffers "
+                "checked for NaN/Inf")

@@ -1,39 +1,45 @@
-"""Offset update: each parameter's SGD update becomes a rounded, saturated update of its integer offset.
+"""Offset update: each corrected gradient output becomes the new integer offset it moves to.
 
 Before::
 
-    mul = torch.ops.aten.mul.Tensor(lr, corrected_grad_fc_weight)
-    sub = torch.ops.aten.sub.Tensor(w_fc_weight, mul)
-    return (view, sub, ...)
+    corrected_grad_weight = halp_fx_bit_centering_svrg_corrected(t_3, t_7, full_grad_weight)
+    return (view, corrected_grad_weight, corrected_grad_bias)
 
-After (``bits=8``, stochastic rounding)::
+After (``bits=8``, nearest rounding)::
 
-    key_fc_weight = torch.ops.aten.select.int(rounding_keys, 0, 0)
-    new_offset_fc_weight = halp_fx_bit_centering_offset_step(offset_fc_weight, scale_fc_weight,
-        corrected_grad_fc_weight, lr, bits = 8, rounding = 'stochastic', key = key_fc_weight)
-    return (view, new_offset_fc_weight, ...)
+    update_weight = halp_fx_bit_centering_offset_update(offset_weight, scale_weight, w_weight, corrected_grad_weight, None, lr, weight_decay = 0.0, momentum = 0.0, bits = 8, rounding = 'nearest')
+    new_offset_weight = update_weight[0]
+    return (view, new_offset_weight, new_offset_bias)
 
-Weight decay (on the full weight W) and momentum (a float32 buffer, a new input
-and output) add a node each before the offset step. The arithmetic is
-:mod:`halp_fx.bit_centering`'s; stochastic rounding adds one input,
-``rounding_keys``, one int32 key per tensor, made by the runtime each step
-from its rounding counter (:func:`halp_fx.bit_centering.rounding_keys`).
+``offset_update`` is weight decay (on the full weight W), momentum (a float32
+buffer, a new input and output) and the rounded, saturated offset step, as
+:mod:`halp_fx.bit_centering` defines them. ``lr`` is a new input; stochastic
+rounding adds one more, ``rounding_keys``, one int32 key per tensor, made by
+the runtime each step from its rounding counter
+(:func:`halp_fx.bit_centering.rounding_keys`). The update's third value, the
+offset before rounding, is what the non-finite guard checks.
 """
 import logging
+import operator
 
 import torch
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_base import PassResult
 
 from halp_fx import bit_centering
 from halp_fx.capture import identifier
+from halp_fx.roles import Role
 
-from .graph_edit import (add_input, append_output, device_of, finish, insert_call, outputs,
+from .graph_edit import (add_input, append_output, finish, insert_call, nodes_with_role, output_node, outputs,
                          placeholders, set_output)
+from .pass_base import HalpPass
 
 log = logging.getLogger(__name__)
 
 
-class OffsetUpdatePass(PassBase):
+class OffsetUpdatePass(HalpPass):
+    name = "offset_update"
+    needs = ((Role.CORRECTED_GRAD, "svrg_correction"),)
+
     def __init__(self, bits, rounding, momentum, weight_decay):
         super().__init__()
         self.bits, self.rounding = bits, rounding
@@ -42,32 +48,31 @@ class OffsetUpdatePass(PassBase):
 
     def call(self, gm):
         graph = gm.graph
-        device = device_of(graph)
-        offsets, scales = placeholders(graph, "offset"), placeholders(graph, "scale")
-        lr = placeholders(graph, "lr")[None]
+        offsets, scales = placeholders(graph, Role.OFFSET), placeholders(graph, Role.SCALE)
+        weights = nodes_with_role(graph, Role.WEIGHT)
+        out = output_node(graph)
         stochastic = self.bits is not None and self.rounding == "stochastic"
-        params = outputs(graph, "param")
-        keys = add_input(graph, ("rounding_keys", None), (len(params),), torch.int32, device) if stochastic else None
-        for index, (name, (position, update)) in enumerate(params.items()):
+        corrected = outputs(graph, Role.CORRECTED_GRAD)
+        lr = add_input(graph, (Role.LR, None), (), torch.float32)
+        keys = add_input(graph, (Role.ROUNDING_KEYS, None), (len(corrected),), torch.int32) if stochastic else None
+        for index, (name, (position, direction)) in enumerate(corrected.items()):
             label = identifier(name)
-            weight, scaled = update.args
-            direction = scaled.args[1]
-            if self.weight_decay:
-                direction = insert_call(graph, bit_centering.with_weight_decay, [direction, weight],
-                                        {"weight_decay": self.weight_decay}, update, f"decayed_grad_{label}")
+            buffer = None
             if self.momentum:
-                buffer = add_input(graph, ("momentum", name), direction.meta["val"].shape, torch.float32, device)
-                direction = insert_call(graph, bit_centering.momentum_step, [buffer, direction],
-                                        {"momentum": self.momentum}, update, f"new_momentum_{label}")
-                append_output(graph, direction, ("momentum", name))
-            kwargs = {"bits": self.bits, "rounding": self.rounding}
+                buffer = add_input(graph, (Role.MOMENTUM, name), direction.meta["val"].shape, torch.float32)
+            kwargs = {"weight_decay": self.weight_decay, "momentum": self.momentum, "bits": self.bits,
+                      "rounding": self.rounding}
             if stochastic:
-                kwargs["key"] = insert_call(graph, torch.ops.aten.select.int, [keys, 0, index], {}, update,
+                kwargs["key"] = insert_call(graph, torch.ops.aten.select.int, [keys, 0, index], {}, out,
                                             f"key_{label}")
-            new_offset = insert_call(graph, bit_centering.offset_step,
-                                     [offsets[name], scales[name], direction, lr], kwargs, update,
-                                     f"new_offset_{label}")
-            set_output(graph, position, new_offset, ("offset", name))
+            update = insert_call(graph, bit_centering.offset_update,
+                                 [offsets[name], scales[name], weights[name], direction, buffer, lr], kwargs, out,
+                                 f"update_{label}", role=(Role.UPDATE, name))
+            new_offset = insert_call(graph, operator.getitem, [update, 0], {}, out, f"new_offset_{label}")
+            if self.momentum:
+                new_momentum = insert_call(graph, operator.getitem, [update, 1], {}, out, f"new_momentum_{label}")
+                append_output(graph, new_momentum, (Role.MOMENTUM, name))
+            set_output(graph, position, new_offset, (Role.OFFSET, name))
             self.rewritten += 1
         return PassResult(finish(gm), self.rewritten > 0)
 
@@ -79,4 +84,4 @@ class OffsetUpdatePass(PassBase):
             rule = f"offset = clamp({self.rounding} round(offset - lr * direction / scale), {low}, {high})"
         extras = [f"weight_decay={self.weight_decay} on W"] if self.weight_decay else []
         extras += [f"momentum={self.momentum} (float32 buffer)"] if self.momentum else []
-        return f"{self.rewritten} SGD updates became {rule}" + (f"; {', '.join(extras)}" if extras else "")
+        return f"{self.rewritten} corrected gradients became {rule}" + (f"; {', '.join(extras)}" if extras else "")

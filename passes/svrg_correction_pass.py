@@ -1,32 +1,37 @@
 """SVRG correction: the gradient at the weights is corrected by the gradient at the anchor.
 
 The gradient computation is copied once more, fed by the anchors instead of the
-weights, and each parameter's gradient ``g`` becomes ``u = g(W) - g(A) + G``
+weights, and each parameter's gradient output ``g`` becomes ``u = g(W) - g(A) + G``
 with ``G`` the full gradient, a new input.
 
 Before::
 
-    mul = torch.ops.aten.mul.Tensor(lr, t_8)
-    sub = torch.ops.aten.sub.Tensor(w_fc_weight, mul)
+    return (view, t_3, view_2)
 
 After::
 
-    t_10 = ...   # the same backward, computed from anchor_fc_weight
-    corrected_grad_fc_weight = halp_fx_bit_centering_svrg_corrected(t_8, t_10, full_grad_fc_weight)
-    mul = torch.ops.aten.mul.Tensor(lr, corrected_grad_fc_weight)
+    t_4 = torch.ops.aten.t.default(anchor_weight)
+    ...   # the same forward and backward, at the anchors
+    corrected_grad_weight = halp_fx_bit_centering_svrg_corrected(t_3, t_7, full_grad_weight)
+    return (view, corrected_grad_weight, corrected_grad_bias)
 
 The copy at the anchor writes no buffer: it reads private clones of the
 buffers (BatchNorm's running statistics), so whatever it writes is dropped.
+Random ops (dropout's mask) depend on no parameter, so they are not copied:
+both passes share one mask.
 """
 import logging
 
 import torch
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_base import PassResult
 
 from halp_fx import bit_centering
-from halp_fx.capture import ROLE, identifier
+from halp_fx.capture import identifier
+from halp_fx.roles import Role
 
-from .graph_edit import add_input, device_of, finish, insert_call, outputs, placeholders
+from .graph_edit import (add_input, finish, insert_call, nodes_with_role, output_node, outputs, placeholders,
+                         set_output)
+from .pass_base import HalpPass
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +56,10 @@ def _descendants(roots):
     return seen
 
 
-class SvrgCorrectionPass(PassBase):
+class SvrgCorrectionPass(HalpPass):
+    name = "svrg_correction"
+    needs = ((Role.WEIGHT, "dequantize_weights"), (Role.GRAD, "capture"))
+
     def __init__(self):
         super().__init__()
         self.copied = 0
@@ -59,23 +67,19 @@ class SvrgCorrectionPass(PassBase):
 
     def call(self, gm):
         graph = gm.graph
-        device = device_of(graph)
-        weights = {n.meta[ROLE][1]: n for n in graph.nodes if n.meta.get(ROLE, ("",))[0] == "weight"}
-        anchors = placeholders(graph, "anchor")
-        updates = outputs(graph, "param")
-        # The plain step's update is sub(W, mul(lr, grad)): capture writes it that way.
-        scaled = {name: update.args[1] for name, (_, update) in updates.items()}
-        grads = {name: mul.args[1] for name, mul in scaled.items()}
+        weights = nodes_with_role(graph, Role.WEIGHT)
+        anchors = placeholders(graph, Role.ANCHOR)
+        grads = outputs(graph, Role.GRAD)
+        out = output_node(graph)
 
         at_weights = _descendants(weights.values()) - set(weights.values())
-        needed = _ancestors(grads.values())
+        needed = _ancestors(value for _, value in grads.values())
         to_copy = [n for n in graph.nodes if n in at_weights and n in needed]
-        first_update = next(n for n in graph.nodes if n in set(scaled.values()))
         copies = {weights[name]: anchors[name] for name in weights}
         # Ops such as native_batch_norm write buffers in place without saying so in
         # their schema, so the copy gets private clones of every buffer-derived input.
-        from_buffers = _descendants(placeholders(graph, "buffer").values())
-        with graph.inserting_before(first_update):
+        from_buffers = _descendants(placeholders(graph, Role.BUFFER).values())
+        with graph.inserting_before(out):
             for node in to_copy:
                 for arg in node.all_input_nodes:
                     if arg in from_buffers and arg not in copies:
@@ -84,12 +88,11 @@ class SvrgCorrectionPass(PassBase):
                 copies[node] = graph.node_copy(node, lambda n: copies.get(n, n))
         self.copied = len(to_copy)
 
-        for name, grad in grads.items():
-            full_grad = add_input(graph, ("full_grad", name), grad.meta["val"].shape, torch.float32, device)
-            corrected = insert_call(graph, bit_centering.svrg_corrected, [grad, copies[grad], full_grad], {},
-                                    scaled[name], f"corrected_grad_{identifier(name)}")
-            corrected.meta[ROLE] = ("corrected_grad", name)
-            scaled[name].replace_input_with(grad, corrected)
+        for name, (position, grad) in grads.items():
+            full_grad = add_input(graph, (Role.FULL_GRAD, name), grad.meta["val"].shape, torch.float32)
+            corrected = insert_call(graph, bit_centering.svrg_corrected, [grad, copies.get(grad, grad), full_grad],
+                                    {}, out, f"corrected_grad_{identifier(name)}", role=(Role.CORRECTED_GRAD, name))
+            set_output(graph, position, corrected, (Role.CORRECTED_GRAD, name))
             self.corrected += 1
         log.debug("copied %d nodes for the gradient at the anchor", self.copied)
         return PassResult(finish(gm), self.corrected > 0)

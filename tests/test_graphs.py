@@ -8,6 +8,7 @@ The code is normalized (clean-up ``x = None`` statements and comments dropped) s
 one string holds across torch versions.
 """
 import difflib
+import inspect
 import re
 
 import expecttest
@@ -16,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import halp_fx
-from halp_fx.training_step import _readable
+import halp_fx.passes
+from halp_fx.introspection import readable
 
 
 def changes(before, after):
@@ -26,7 +28,7 @@ def changes(before, after):
 
 
 def graph_code(gm):
-    code = _readable(gm.code)
+    code = readable(gm.code)
     return "\n".join(re.sub(r"\s+#.*$", "", line) for line in code.splitlines() if line.strip())
 
 
@@ -39,9 +41,9 @@ class TestGoldenGraphs(expecttest.TestCase):
         step(*batch)
         self.graphs = step.graphs
 
-    def test_captured_plain_sgd_step(self):
+    def test_captured_gradient_graph(self):
         self.assertExpectedInline(graph_code(self.graphs["captured"]), """\
-def forward(self, weight, bias, batch_0, batch_1, lr):
+def forward(self, weight, bias, batch_0, batch_1):
     t = torch.ops.aten.t.default(weight)
     addmm = torch.ops.aten.addmm.default(bias, batch_0, t)
     mse_loss = torch.ops.aten.mse_loss.default(addmm, batch_1)
@@ -55,30 +57,22 @@ def forward(self, weight, bias, batch_0, batch_1, lr):
     sum_1 = torch.ops.aten.sum.dim_IntList(mse_loss_backward, [0], True)
     view_2 = torch.ops.aten.view.default(sum_1, [1])
     t_3 = torch.ops.aten.t.default(t_2)
-    mul = torch.ops.aten.mul.Tensor(lr, t_3)
-    sub = torch.ops.aten.sub.Tensor(weight, mul)
-    mul_1 = torch.ops.aten.mul.Tensor(lr, view_2)
-    sub_1 = torch.ops.aten.sub.Tensor(bias, mul_1)
-    return (view, sub, sub_1)""")
+    return (view, t_3, view_2)""")
 
     def test_dequantize_weights_turns_each_parameter_into_anchor_offset_and_scale(self):
         self.assertExpectedInline(changes(self.graphs["captured"], self.graphs["dequantize_weights"]), """\
--def forward(self, weight, bias, batch_0, batch_1, lr):
+-def forward(self, weight, bias, batch_0, batch_1):
 -    t = torch.ops.aten.t.default(weight)
 -    addmm = torch.ops.aten.addmm.default(bias, batch_0, t)
-+def forward(self, anchor_weight, offset_weight, scale_weight, anchor_bias, offset_bias, scale_bias, batch_0, batch_1, lr):
++def forward(self, anchor_weight, offset_weight, scale_weight, anchor_bias, offset_bias, scale_bias, batch_0, batch_1):
 +    w_weight = halp_fx_bit_centering_dequantize(anchor_weight, offset_weight, scale_weight)
 +    w_bias = halp_fx_bit_centering_dequantize(anchor_bias, offset_bias, scale_bias)
 +    t = torch.ops.aten.t.default(w_weight)
-+    addmm = torch.ops.aten.addmm.default(w_bias, batch_0, t)
--    sub = torch.ops.aten.sub.Tensor(weight, mul)
-+    sub = torch.ops.aten.sub.Tensor(w_weight, mul)
--    sub_1 = torch.ops.aten.sub.Tensor(bias, mul_1)
-+    sub_1 = torch.ops.aten.sub.Tensor(w_bias, mul_1)""")
++    addmm = torch.ops.aten.addmm.default(w_bias, batch_0, t)""")
 
     def test_after_svrg_correction(self):
         self.assertExpectedInline(graph_code(self.graphs["svrg_correction"]), """\
-def forward(self, anchor_weight, offset_weight, scale_weight, anchor_bias, offset_bias, scale_bias, batch_0, batch_1, lr, full_grad_weight, full_grad_bias):
+def forward(self, anchor_weight, offset_weight, scale_weight, anchor_bias, offset_bias, scale_bias, batch_0, batch_1, full_grad_weight, full_grad_bias):
     w_weight = halp_fx_bit_centering_dequantize(anchor_weight, offset_weight, scale_weight)
     w_bias = halp_fx_bit_centering_dequantize(anchor_bias, offset_bias, scale_bias)
     t = torch.ops.aten.t.default(w_weight)
@@ -108,47 +102,38 @@ def forward(self, anchor_weight, offset_weight, scale_weight, anchor_bias, offse
     view_5 = torch.ops.aten.view.default(sum_2, [1])
     t_7 = torch.ops.aten.t.default(t_6)
     corrected_grad_weight = halp_fx_bit_centering_svrg_corrected(t_3, t_7, full_grad_weight)
-    mul = torch.ops.aten.mul.Tensor(lr, corrected_grad_weight)
-    sub = torch.ops.aten.sub.Tensor(w_weight, mul)
     corrected_grad_bias = halp_fx_bit_centering_svrg_corrected(view_2, view_5, full_grad_bias)
-    mul_1 = torch.ops.aten.mul.Tensor(lr, corrected_grad_bias)
-    sub_1 = torch.ops.aten.sub.Tensor(w_bias, mul_1)
-    return (view, sub, sub_1)""")
+    return (view, corrected_grad_weight, corrected_grad_bias)""")
 
-    def test_offset_update_replaces_each_sgd_update_by_an_offset_step(self):
+    def test_offset_update_replaces_each_corrected_gradient_by_the_new_offset(self):
         self.assertExpectedInline(changes(self.graphs["svrg_correction"], self.graphs["offset_update"]), """\
--    mul = torch.ops.aten.mul.Tensor(lr, corrected_grad_weight)
--    sub = torch.ops.aten.sub.Tensor(w_weight, mul)
-+    new_offset_weight = halp_fx_bit_centering_offset_step(offset_weight, scale_weight, corrected_grad_weight, lr, bits = 8, rounding = 'nearest')
--    mul_1 = torch.ops.aten.mul.Tensor(lr, corrected_grad_bias)
--    sub_1 = torch.ops.aten.sub.Tensor(w_bias, mul_1)
--    return (view, sub, sub_1)
-+    new_offset_bias = halp_fx_bit_centering_offset_step(offset_bias, scale_bias, corrected_grad_bias, lr, bits = 8, rounding = 'nearest')
+-def forward(self, anchor_weight, offset_weight, scale_weight, anchor_bias, offset_bias, scale_bias, batch_0, batch_1, full_grad_weight, full_grad_bias):
++def forward(self, anchor_weight, offset_weight, scale_weight, anchor_bias, offset_bias, scale_bias, batch_0, batch_1, full_grad_weight, full_grad_bias, lr):
+-    return (view, corrected_grad_weight, corrected_grad_bias)
++    update_weight = halp_fx_bit_centering_offset_update(offset_weight, scale_weight, w_weight, corrected_grad_weight, None, lr, weight_decay = 0.0, momentum = 0.0, bits = 8, rounding = 'nearest')
++    new_offset_weight = update_weight[0]
++    update_bias = halp_fx_bit_centering_offset_update(offset_bias, scale_bias, w_bias, corrected_grad_bias, None, lr, weight_decay = 0.0, momentum = 0.0, bits = 8, rounding = 'nearest')
++    new_offset_bias = update_bias[0]
 +    return (view, new_offset_weight, new_offset_bias)""")
 
     def test_nonfinite_guard_adds_one_flag_output(self):
         self.assertExpectedInline(changes(self.graphs["offset_update"], self.graphs["nonfinite_guard"]), """\
 -    return (view, new_offset_weight, new_offset_bias)
-+    all_finite = halp_fx_passes_nonfinite_guard_pass_all_finite(view, corrected_grad_weight, corrected_grad_bias)
++    moved_offset_weight = update_weight[2]
++    moved_offset_bias = update_bias[2]
++    all_finite = halp_fx_bit_centering_all_finite(view, moved_offset_weight, moved_offset_bias)
 +    return (view, new_offset_weight, new_offset_bias, all_finite)""")
 
-    def test_full_gradient(self):
-        self.assertExpectedInline(graph_code(self.graphs["full_gradient"]), """\
-def forward(self, weight, bias, batch_0, batch_1):
-    t = torch.ops.aten.t.default(weight)
-    addmm = torch.ops.aten.addmm.default(bias, batch_0, t)
-    mse_loss = torch.ops.aten.mse_loss.default(addmm, batch_1)
-    view = torch.ops.aten.view.default(mse_loss, [])
-    ones_like = torch.ops.aten.ones_like.default(view, pin_memory = False, memory_format = torch.preserve_format)
-    view_1 = torch.ops.aten.view.default(ones_like, [])
-    mse_loss_backward = torch.ops.aten.mse_loss_backward.default(view_1, addmm, batch_1, 1)
-    t_1 = torch.ops.aten.t.default(mse_loss_backward)
-    mm = torch.ops.aten.mm.default(t_1, batch_0)
-    t_2 = torch.ops.aten.t.default(mm)
-    sum_1 = torch.ops.aten.sum.dim_IntList(mse_loss_backward, [0], True)
-    view_2 = torch.ops.aten.view.default(sum_1, [1])
-    t_3 = torch.ops.aten.t.default(t_2)
-    return (view, t_3, view_2)""")
+    def test_each_pass_docstring_shows_lines_of_its_real_after_graph(self):
+        for name, graph_pass in zip(list(self.graphs)[1:], halp_fx.passes.halp_passes(8, "nearest", 0.0, 0.0)):
+            code = graph_code(self.graphs[name])
+            after = inspect.getmodule(graph_pass).__doc__.split("After", 1)[1].split("::", 1)[1]
+            shown = [line.strip() for line in after.split("\n\n")[1].splitlines()
+                     if line.strip() and "..." not in line and not line.strip().startswith("#")]
+            shown = [re.sub(r"\s+#.*$", "", line) for line in shown]
+            assert shown, name
+            for line in shown:
+                assert line in code, f"{name}'s docstring shows {line!r}, which its graph does not have"
 
 
 class TestGoldenStochasticMomentumGraph(expecttest.TestCase):
@@ -158,19 +143,19 @@ class TestGoldenStochasticMomentumGraph(expecttest.TestCase):
                                  compile=False)
         step(torch.randn(4, 2), torch.randn(4, 1))
         update = [line for line in graph_code(step.graphs["offset_update"]).splitlines()
-                  if "halp_fx" in line or "rounding_keys" in line or "return" in line]
+                  if "halp_fx" in line or "rounding_keys" in line or "update_" in line or "return" in line]
         self.assertExpectedInline("\n".join(update), """\
-def forward(self, anchor_weight, offset_weight, scale_weight, anchor_bias, offset_bias, scale_bias, batch_0, batch_1, lr, full_grad_weight, full_grad_bias, rounding_keys, momentum_weight, momentum_bias):
+def forward(self, anchor_weight, offset_weight, scale_weight, anchor_bias, offset_bias, scale_bias, batch_0, batch_1, full_grad_weight, full_grad_bias, lr, rounding_keys, momentum_weight, momentum_bias):
     w_weight = halp_fx_bit_centering_dequantize(anchor_weight, offset_weight, scale_weight)
     w_bias = halp_fx_bit_centering_dequantize(anchor_bias, offset_bias, scale_bias)
     corrected_grad_weight = halp_fx_bit_centering_svrg_corrected(t_3, t_7, full_grad_weight)
-    decayed_grad_weight = halp_fx_bit_centering_with_weight_decay(corrected_grad_weight, w_weight, weight_decay = 0.0001)
-    new_momentum_weight = halp_fx_bit_centering_momentum_step(momentum_weight, decayed_grad_weight, momentum = 0.9)
-    key_weight = torch.ops.aten.select.int(rounding_keys, 0, 0)
-    new_offset_weight = halp_fx_bit_centering_offset_step(offset_weight, scale_weight, new_momentum_weight, lr, bits = 4, rounding = 'stochastic', key = key_weight)
     corrected_grad_bias = halp_fx_bit_centering_svrg_corrected(view_2, view_5, full_grad_bias)
-    decayed_grad_bias = halp_fx_bit_centering_with_weight_decay(corrected_grad_bias, w_bias, weight_decay = 0.0001)
-    new_momentum_bias = halp_fx_bit_centering_momentum_step(momentum_bias, decayed_grad_bias, momentum = 0.9)
+    key_weight = torch.ops.aten.select.int(rounding_keys, 0, 0)
+    update_weight = halp_fx_bit_centering_offset_update(offset_weight, scale_weight, w_weight, corrected_grad_weight, momentum_weight, lr, weight_decay = 0.0001, momentum = 0.9, bits = 4, rounding = 'stochastic', key = key_weight)
+    new_offset_weight = update_weight[0]
+    new_momentum_weight = update_weight[1]
     key_bias = torch.ops.aten.select.int(rounding_keys, 0, 1)
-    new_offset_bias = halp_fx_bit_centering_offset_step(offset_bias, scale_bias, new_momentum_bias, lr, bits = 4, rounding = 'stochastic', key = key_bias)
+    update_bias = halp_fx_bit_centering_offset_update(offset_bias, scale_bias, w_bias, corrected_grad_bias, momentum_bias, lr, weight_decay = 0.0001, momentum = 0.9, bits = 4, rounding = 'stochastic', key = key_bias)
+    new_offset_bias = update_bias[0]
+    new_momentum_bias = update_bias[1]
     return (view, new_offset_weight, new_offset_bias, new_momentum_weight, new_momentum_bias)""")

@@ -135,7 +135,7 @@ SATURATING_CASES = [
 ]
 
 
-@pytest.mark.filterwarnings("ignore::halp_fx.training_step.SaturationWarning")
+@pytest.mark.filterwarnings("ignore::halp_fx.SaturationWarning")
 @pytest.mark.parametrize("model,samples,features,classes,lr,epochs,bits,mu,T", SATURATING_CASES)
 def test_halp_saturating_offsets_match_numpy_reference(model, samples, features, classes, lr, epochs, bits, mu, T):
     module, loss_fn, X, y = problem(model, samples, features, classes)

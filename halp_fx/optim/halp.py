@@ -6,64 +6,89 @@ anchor and, with momentum, a float32 ``momentum_buffer``. The parameter itself
 always holds the weight ``W = A + d*Z`` after :meth:`step`.
 
 A step asks the closure for two gradients on the same batch, at the anchor and
-at the weights, then runs :func:`bit_centered_update` (one ``torch.compile``\\ d
-call for all groups) over them. Every ``T`` steps, and at the first, it
-recenters: ``A <- W``, G is the mean gradient over ``data_loader`` and ``Z <- 0``.
+at the weights (from the same random state, so dropout draws one mask for
+both), then runs :func:`halp_fx.bit_centering.inner_step` over every tensor in
+one ``torch.compile``\\ d function. Its new offsets and momenta are written back
+only when everything it would write is finite. Every ``T`` steps, and at the
+first, it recenters through :mod:`halp_fx.recenter`, the same code as
+``transform``'s step.
 """
 import contextlib
 import inspect
+import itertools
+import types
 import warnings
 
 import torch
 
 from .. import arguments, bit_centering
+from ..data import full_gradient_batches, has_batch_norm
+from ..errors import NonFiniteError, SmallBatchWarning
+from ..recenter import examples_in, full_gradient, recentered, warn_if_saturated
 
 
-def bit_centered_update(params, anchors, offsets, scales, grads, anchor_grads, full_grads, momentum_buffers,
-                        keys, indices, lr, weight_decay, momentum, bits, rounding):
-    """One inner step for one parameter group, written in place into offsets, momentum buffers and params.
+def inner_steps(groups):
+    """:func:`halp_fx.bit_centering.inner_step` for every tensor of every group, as pure functions.
 
-    ``lr``, ``weight_decay`` and ``momentum`` are 0-d tensors so that a scheduler
-    changing them does not recompile; ``bits`` and ``rounding`` are constants of
-    the compiled code. ``keys[indices[i]]`` is ``params[i]``'s rounding key for this
-    step; ``keys`` is ``None`` when the group is not rounded stochastically.
+    Returns ``(new offsets, new momentum buffers or None, new weights)`` per tensor in
+    order, and one flag: whether the loss and every offset before rounding are
+    finite. ``lr``, ``weight_decay`` and ``momentum`` are 0-d tensors so that a
+    scheduler changing them does not recompile; ``bits`` and ``rounding`` are
+    constants of the compiled code.
     """
-    for i, param in enumerate(params):
-        weight = bit_centering.dequantize(anchors[i], offsets[i], scales[i])
-        direction = bit_centering.svrg_corrected(grads[i], anchor_grads[i], full_grads[i])
-        direction = bit_centering.with_weight_decay(direction, weight, weight_decay)
-        if momentum_buffers is not None:
-            direction = bit_centering.momentum_step(momentum_buffers[i], direction, momentum)
-            momentum_buffers[i].copy_(direction)
-        offsets[i].copy_(bit_centering.offset_step(offsets[i], scales[i], direction, lr, bits, rounding,
-                                                   None if keys is None else keys[indices[i]]))
-        param.copy_(bit_centering.dequantize(anchors[i], offsets[i], scales[i]))
-
-
-def _update_all_groups(groups):
+    results, checked = [], [groups[0]["loss"]]
     for group in groups:
-        bit_centered_update(**group)
+        for i in range(len(group["anchors"])):
+            momentum_buffer = None if group["momentum_buffers"] is None else group["momentum_buffers"][i]
+            key = None if group["keys"] is None else group["keys"][group["indices"][i]]
+            new_offset, direction, moved = bit_centering.inner_step(
+                group["anchors"][i], group["offsets"][i], group["scales"][i], group["grads"][i],
+                group["anchor_grads"][i], group["full_grads"][i], momentum_buffer, group["lr"],
+                weight_decay=group["weight_decay"], momentum=group["momentum"], bits=group["bits"],
+                rounding=group["rounding"], key=key)
+            new_weight = bit_centering.dequantize(group["anchors"][i], new_offset, group["scales"][i])
+            results.append((new_offset, None if momentum_buffer is None else direction, new_weight))
+            checked.append(moved)
+    return results, bit_centering.all_finite(*checked)
+
+
+_compiled_copies = itertools.count()
+
+
+def _compiled_copy(fn):
+    """``torch.compile(fullgraph=True)`` of a copy of ``fn`` with a code object of its own.
+
+    torch._dynamo keeps compiled code per code object, with a limit on how many
+    versions one may have: optimizers over differently shaped models sharing one
+    code object would exhaust it (from the 8th, a hard failure under fullgraph).
+    Each optimizer compiles its own copy, for its own shapes, once.
+    """
+    name = f"{fn.__name__}_{next(_compiled_copies)}"
+    code = fn.__code__.replace(co_name=name, **({"co_qualname": name} if hasattr(fn.__code__, "co_qualname") else {}))
+    copy = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    return torch.compile(copy, fullgraph=True)
 
 
 class _BitCenteredOptimizer(torch.optim.Optimizer):
     """What HALP and SVRG share; they differ only in their per-group hyperparameters."""
 
-    def __init__(self, params, defaults, *, T, data_loader, model, compile, seed):
+    def __init__(self, params, defaults, *, T, data_loader, model, compile, seed, on_nonfinite, saturation_warning):
         self.T = arguments.check_T(T, allow_none=False)
         if data_loader is None:
             raise TypeError("data_loader is required: the full gradient is taken over its batches")
         self.data_loader = arguments.check_data_loader(data_loader)
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be the torch.nn.Module the closure runs, or None; got {type(model).__name__}")
-        if not isinstance(compile, bool):
-            raise TypeError(f"compile must be True or False; got {compile!r}")
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 31:
-            raise ValueError(f"seed must be an int in [0, 2**31); got {seed!r}")
-        self.model, self.compile, self.seed = model, compile, seed
+        self.model, self.compile, self.seed = model, arguments.check_compile(compile), arguments.check_seed(seed)
+        self.on_nonfinite = arguments.check_choice("on_nonfinite", on_nonfinite, arguments.ON_NONFINITE)
+        if not isinstance(saturation_warning, (int, float)) or not 0 < saturation_warning <= 1:
+            raise ValueError(f"saturation_warning must be a fraction in (0, 1]; got {saturation_warning!r}")
+        self.saturation_warning = float(saturation_warning)
+        self.nonfinite_steps = 0
         self._closure_modules = None
-        self._warned_unseen_buffers = False
+        self._warned_unseen_buffers = self._warned_small_batch = False
         super().__init__(params, defaults)
-        self._update = torch.compile(_update_all_groups, fullgraph=True) if compile else _update_all_groups
+        self._inner_steps = _compiled_copy(inner_steps) if compile else inner_steps
 
     def add_param_group(self, param_group):
         params = param_group["params"]
@@ -102,15 +127,36 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
         ``closure()`` must compute the loss on this step's batch and call
         ``backward()``; ``closure(*batch)`` must do the same on a batch of
         ``data_loader``. Returns the loss of ``closure()`` at the current weights.
+        A step whose loss or update is NaN/Inf changes nothing: it raises
+        :class:`halp_fx.NonFiniteError` (``on_nonfinite="raise"``) or is skipped and
+        counted in ``nonfinite_steps`` (``"skip"``).
         """
         _check_closure(closure, ())
         counters = self._counters
         if "steps_since_recenter" not in counters or counters["steps_since_recenter"] >= self.T:
             self._recenter(closure)
         params = self._trainable()
-        anchor_grads = self._gradients_at_anchor(params, closure)
-        loss, grads = self._gradients(params, closure)
-        self._update(self._update_arguments(dict(zip(params, grads)), dict(zip(params, anchor_grads))))
+        # Both passes draw the same random numbers (dropout's mask): SVRG's correction cancels noise only
+        # when g(W) and g(A) see the same network.
+        with _same_random_state(params[0].device) as replay:
+            anchor_grads = self._gradients_at_anchor(params, closure)
+            replay()
+            loss, grads = self._gradients(params, closure)
+        groups = self._update_arguments(dict(zip(params, grads)), dict(zip(params, anchor_grads)), loss)
+        results, finite = self._inner_steps(groups)
+        if not bool(finite):
+            self.nonfinite_steps += 1
+            if self.on_nonfinite == "raise":
+                raise NonFiniteError(f"step {counters['steps_since_recenter']} after the last recenter: the loss "
+                                     f"({float(loss):g}) or an update is NaN/Inf; no state was changed. Lower lr, "
+                                     "check the batch for NaN/Inf, or pass on_nonfinite='skip'.")
+            return loss
+        for p, (new_offset, new_momentum, new_weight) in zip(self._updated(groups), results):
+            state = self.state[p]
+            state["offset"] = new_offset
+            if new_momentum is not None:
+                state["momentum_buffer"] = new_momentum
+            p.copy_(new_weight)
         counters["rounding_counter"].add_(1)
         counters["steps_since_recenter"] += 1
         return loss
@@ -118,35 +164,41 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
     def _recenter(self, closure):
         """``A <- W``; ``G`` = the example-weighted mean gradient over ``data_loader`` at A; ``d`` from G; ``Z <- 0``."""
         params = self._trainable()
-        with self._buffers_kept(closure):
-            full_grads = self._full_gradient(params, closure)
         group_of = {p: group for group in self.param_groups for p in group["params"]}
-        for p, full_grad in zip(params, full_grads):
-            group, state = group_of[p], self.state[p]
-            state["anchor"] = p.detach().to(torch.float32, copy=True)
-            state["offset"] = torch.zeros_like(p, dtype=bit_centering.offset_dtype(group.get("bits")))
-            state["scale"] = bit_centering.scale_for(full_grad, group.get("mu"), group.get("bits"))
-            state["full_grad"] = full_grad
+        bits = [group_of[p].get("bits") for p in params]
+        if "steps_since_recenter" in self._counters:
+            warn_if_saturated([self.state[p]["offset"] for p in params], bits, self.saturation_warning, stacklevel=5)
+        with self._buffers_kept(closure):
+            full_grads, norms = self._full_gradient(params, closure)
+        centered = recentered([p.detach().clone() for p in params], full_grads, norms,
+                              [group_of[p].get("mu") for p in params], bits)
+        for p, (anchor, offset, scale), full_grad in zip(params, centered, full_grads):
+            self.state[p].update(anchor=anchor, offset=offset, scale=scale, full_grad=full_grad)
         counters = self._counters
         # The seed sits in the high 32 bits, as in the core: the counter alone is the rounding noise's state.
         counters.setdefault("rounding_counter", torch.tensor(self.seed << 32, dtype=torch.int64, device=params[0].device))
         counters["steps_since_recenter"] = 0
 
     def _full_gradient(self, params, closure):
-        full_grads = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-        examples_seen = 0
-        for raw in self.data_loader:
-            batch = arguments.as_batch(raw)
+        first = []
+
+        def gradient_of(batch):
             _check_closure(closure, batch)
-            _, grads = self._gradients(params, closure, *batch)
-            # The closure returns a per-batch mean; weighting by batch size makes a short last batch count less.
-            examples = batch[0].shape[0] if batch[0].dim() else 1
-            for full_grad, grad in zip(full_grads, grads):
-                full_grad.add_(grad, alpha=examples)
-            examples_seen += examples
-        for full_grad in full_grads:
-            full_grad.div_(examples_seen)
-        return full_grads
+            self._warn_if_small(batch, first, closure)
+            return self._gradients(params, closure, *batch)[1]
+        return full_gradient(full_gradient_batches(self.data_loader), gradient_of)
+
+    def _warn_if_small(self, batch, first, closure):
+        examples = examples_in(batch)
+        if not first:
+            first.append(examples)
+        elif examples * 4 < first[0] and not self._warned_small_batch and any(
+                has_batch_norm(m) for m in self._modules_with_buffers(closure)):
+            self._warned_small_batch = True
+            warnings.warn(f"a batch of {examples} examples in data_loader, against {first[0]} in its first: the "
+                          "model has batch-norm layers, whose statistics on so few examples make the gradients at "
+                          "the weights and at the anchor disagree, and SVRG/HALP can collapse. Pass "
+                          "drop_last=True to the DataLoader", SmallBatchWarning, stacklevel=9)
 
     def _gradients_at_anchor(self, params, closure):
         weights = [p.detach().clone() for p in params]
@@ -174,7 +226,7 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
         count = sum(len(group["params"]) for group in self.param_groups)
         return bit_centering.rounding_keys(int(counter), count, counter.device)
 
-    def _update_arguments(self, grads, anchor_grads):
+    def _update_arguments(self, grads, anchor_grads, loss):
         groups, index, keys = [], 0, None
         for group in self.param_groups:
             indexed = [(i, p) for i, p in enumerate(group["params"], start=index) if p.requires_grad]
@@ -193,6 +245,7 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
                     state.setdefault("momentum_buffer", torch.zeros_like(p, dtype=torch.float32))
             groups.append(dict(
                 params=params,
+                loss=torch.as_tensor(0.0 if loss is None else loss, dtype=torch.float32, device=device).detach(),
                 anchors=[s["anchor"] for s in states],
                 offsets=[s["offset"] for s in states],
                 scales=[s["scale"] for s in states],
@@ -209,6 +262,24 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
                 rounding=rounding,
             ))
         return groups
+
+    @staticmethod
+    def _updated(groups):
+        return [p for group in groups for p in group["params"]]
+
+    def stats(self):
+        """Per parameter, in the order of ``param_groups``: ``scale`` and ``saturated``, the fraction of its
+        offset entries at the integer bounds now (empty before the first step)."""
+        out = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                if "offset" not in state:
+                    continue
+                bits = group.get("bits")
+                saturated = float(bit_centering.saturated_fractions([state["offset"]], bits)[0])
+                out.append({"scale": float(state["scale"]), "saturated": saturated})
+        return out
 
     # -- state -----------------------------------------------------------------------------------
     @property
@@ -258,6 +329,21 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
                               UserWarning)
             return []
         return self._closure_modules
+
+
+@contextlib.contextmanager
+def _same_random_state(device):
+    """Yields ``replay()``, which puts the random generators (CPU, and ``device``'s if CUDA) back to their state
+    on entry, so the code after it draws the same numbers as the code before it."""
+    cuda = device.type == "cuda"
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state(device) if cuda else None
+
+    def replay():
+        torch.set_rng_state(cpu_state)
+        if cuda:
+            torch.cuda.set_rng_state(cuda_state, device)
+    yield replay
 
 
 def _modules_named_by(closure, params):
@@ -328,6 +414,11 @@ class HALP(_BitCenteredOptimizer):
         compile: run the per-parameter update as one ``torch.compile``\\ d function
             (Inductor); ``False`` runs the same code eagerly.
         seed: start of the stochastic-rounding counter.
+        on_nonfinite: a step whose loss or update is NaN/Inf changes no state (parameters, offsets,
+            momentum, counters) and ``"raise"``\\ s :class:`halp_fx.NonFiniteError` or is ``"skip"``\\ ped and
+            counted in ``nonfinite_steps``. A NaN/Inf full gradient always raises, naming the batch.
+        saturation_warning: at each recenter, warn (:class:`halp_fx.SaturationWarning`) when more than
+            this fraction of all offsets sat at the integer bounds; :meth:`stats` has each tensor's.
 
     State per parameter: ``anchor``, ``offset``, ``scale``, ``full_grad`` and
     ``momentum_buffer``; the first parameter's state also holds
@@ -336,7 +427,8 @@ class HALP(_BitCenteredOptimizer):
     """
 
     def __init__(self, params, lr, T, data_loader, *, weight_decay=0.0, momentum=0.0, mu=0.1, bits=8,
-                 biased=None, unbiased=None, model=None, compile=True, seed=0):
+                 biased=None, unbiased=None, model=None, compile=True, seed=0, on_nonfinite="raise",
+                 saturation_warning=0.1):
         if biased is not None and unbiased is not None and biased == unbiased:
             raise ValueError(f"biased={biased!r} and unbiased={unbiased!r} contradict each other; give one of them")
         if unbiased is not None:
@@ -345,7 +437,8 @@ class HALP(_BitCenteredOptimizer):
             biased = not unbiased
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, mu=mu, bits=bits,
                         biased=False if biased is None else biased)
-        super().__init__(params, defaults, T=T, data_loader=data_loader, model=model, compile=compile, seed=seed)
+        super().__init__(params, defaults, T=T, data_loader=data_loader, model=model, compile=compile, seed=seed,
+                         on_nonfinite=on_nonfinite, saturation_warning=saturation_warning)
 
 
 class SVRG(_BitCenteredOptimizer):
@@ -355,6 +448,8 @@ class SVRG(_BitCenteredOptimizer):
     state are HALP's without ``mu``, ``bits``, ``biased`` and ``seed``.
     """
 
-    def __init__(self, params, lr, T, data_loader, *, weight_decay=0.0, momentum=0.0, model=None, compile=True):
+    def __init__(self, params, lr, T, data_loader, *, weight_decay=0.0, momentum=0.0, model=None, compile=True,
+                 on_nonfinite="raise"):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum)
-        super().__init__(params, defaults, T=T, data_loader=data_loader, model=model, compile=compile, seed=0)
+        super().__init__(params, defaults, T=T, data_loader=data_loader, model=model, compile=compile, seed=0,
+                         on_nonfinite=on_nonfinite, saturation_warning=1.0)

@@ -1,0 +1,93 @@
+"""The recenter, defined once for ``transform``'s step and for ``halp_fx.optim``.
+
+``A <- W``; ``G`` = the mean gradient over the data at ``A``, each batch weighted
+by its number of examples; ``d = ||G|| / (mu * (2**(bits-1) - 1))``; ``Z <- 0``.
+The callers differ only in how they compute one batch's gradient (a compiled
+graph, or the user's closure), which they pass in as ``gradient_of``.
+"""
+import warnings
+
+import torch
+
+from . import bit_centering
+from .arguments import as_batch
+from .errors import NonFiniteError, SaturationWarning
+
+
+def examples_in(batch):
+    """How many examples a batch holds: the first dimension of its first tensor."""
+    return batch[0].shape[0] if batch[0].dim() else 1
+
+
+def full_gradient(batches, gradient_of):
+    """The example-weighted mean of ``gradient_of(batch)`` (a list of tensors) over ``batches``.
+
+    Returns ``(mean gradients, their norms)``. A batch whose gradient is NaN or
+    infinite raises :class:`NonFiniteError` naming its index: without a full
+    gradient there is nothing to correct the steps with, so this is never skipped.
+    """
+    accumulators, flags, total = None, [], 0
+    for raw in batches:
+        batch = as_batch(raw)
+        grads = gradient_of(batch)
+        examples = examples_in(batch)
+        if accumulators is None:
+            accumulators = [torch.zeros_like(g, dtype=torch.float32) for g in grads]
+        # One flag tensor per batch, read once at the end: no host sync per batch.
+        flags.append(bit_centering.all_finite(*grads))
+        torch._foreach_add_(accumulators, list(grads), alpha=examples)
+        total += examples
+    if total == 0:
+        raise ValueError("the full gradient saw no batch: data_loader (or batches=) yielded nothing. A one-shot "
+                         "iterable (a generator) is used up after one pass: pass a list of batches or a DataLoader")
+    finite = torch.stack(flags)
+    if not bool(finite.all()):
+        index = int((~finite).nonzero()[0])
+        raise NonFiniteError(f"the full gradient is NaN/Inf: batch {index} of the data loader gives a NaN/Inf "
+                             "gradient at the current weights. The anchor, offsets and scales were not changed. "
+                             "Check that batch for NaN/Inf (or the weights, if they diverged), or lower lr.")
+    torch._foreach_div_(accumulators, total)
+    return accumulators, torch._foreach_norm(accumulators)
+
+
+def recentered(weights, full_grads, norms, mus, bits):
+    """Per tensor ``(anchor, offset, scale)`` after a recenter at ``weights`` (the current ``A + d*Z``).
+
+    ``mus`` and ``bits`` hold one value per tensor (parameter groups may differ).
+    """
+    out = []
+    for weight, grad, norm, mu, b in zip(weights, full_grads, norms, mus, bits):
+        out.append((weight.to(torch.float32), torch.zeros_like(weight, dtype=bit_centering.offset_dtype(b)),
+                    bit_centering.scale_from_norm(norm, mu, b)))
+    return out
+
+
+def saturated_fraction(offsets, bits):
+    """The fraction of all offset entries, over every tensor, that sit at the integer bounds.
+
+    Weighted by size, so a tiny bias whose few entries saturate does not speak
+    for the whole model. ``bits`` is one value per tensor (``None``: no bounds).
+    """
+    counted = [(z, b) for z, b in zip(offsets, bits) if b is not None]
+    if not counted:
+        return 0.0
+    saturated = total = 0.0
+    for b in sorted({b for _, b in counted}):
+        group = [z for z, bb in counted if bb == b]
+        sizes = torch.tensor([z.numel() for z in group], dtype=torch.float64)
+        fractions = bit_centering.saturated_fractions(group, b).to(torch.float64).cpu()
+        saturated += float((fractions * sizes).sum())
+        total += float(sizes.sum())
+    return saturated / max(total, 1.0)
+
+
+def warn_if_saturated(offsets, bits, threshold, stacklevel):
+    """Warn (:class:`SaturationWarning`) when more than ``threshold`` of all offset entries sit at the bounds."""
+    fraction = saturated_fraction(offsets, bits)
+    if fraction > threshold:
+        # The text does not change from epoch to epoch, so Python's default filter shows it once per call site
+        # instead of at every recenter; stats() has the figures.
+        warnings.warn(f"more than {threshold:.0%} of all offsets sit at their integer bounds: the grid is too fine "
+                      "for the steps taken, and clipped updates are lost; lower mu or lr (stats() gives each "
+                      "tensor's fraction)", SaturationWarning, stacklevel=stacklevel + 1)
+    return fraction

@@ -1,0 +1,113 @@
+"""The state a HALP step advances, keyed by role and name, and its checkpoint form.
+
+``tensors[role][name]``: per trainable tensor ``ANCHOR`` (float32), ``OFFSET``
+(integer, or float32 for ``bits=None``), ``SCALE`` (float32 scalar),
+``FULL_GRAD`` (float32) and, with momentum, ``MOMENTUM`` (float32); per model
+``FROZEN`` parameters and ``BUFFER``\\ s. The counters: ``rounding_counter``
+(the seed in its high 32 bits, steps taken in its low 32 bits: the whole random
+state of stochastic rounding), ``steps_since_recenter``, ``recenters`` and
+``nonfinite_steps``.
+"""
+from collections import OrderedDict
+
+import torch
+
+from . import arguments, bit_centering
+from .roles import PER_TENSOR_STATE, Role
+
+_COUNTERS = ("rounding_counter", "steps_since_recenter", "recenters", "nonfinite_steps")
+
+
+class HalpState:
+    def __init__(self, model, signature, bits, momentum, seed):
+        self.bits, self.momentum = bits, momentum
+        params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+        anchor = OrderedDict((n, params[n].detach().to(torch.float32, copy=True)) for n in signature.param_names)
+        self.tensors = {
+            Role.ANCHOR: anchor,
+            Role.OFFSET: OrderedDict((n, torch.zeros_like(a, dtype=bit_centering.offset_dtype(bits)))
+                                     for n, a in anchor.items()),
+            Role.SCALE: OrderedDict((n, torch.zeros((), device=a.device) if bits is not None
+                                     else torch.ones((), device=a.device)) for n, a in anchor.items()),
+            Role.FULL_GRAD: OrderedDict((n, torch.zeros_like(a)) for n, a in anchor.items()),
+            Role.MOMENTUM: OrderedDict((n, torch.zeros_like(a)) for n, a in anchor.items()) if momentum else OrderedDict(),
+            Role.FROZEN: OrderedDict((n, params[n].detach()) for n in signature.frozen_names),
+            Role.BUFFER: OrderedDict((n, buffers[n].detach().clone()) for n in signature.buffer_names),
+        }
+        self.rounding_counter = int(seed) << 32
+        self.steps_since_recenter = self.recenters = self.nonfinite_steps = 0
+
+    def __getitem__(self, role):
+        return self.tensors[role]
+
+    @property
+    def names(self):
+        return list(self.tensors[Role.ANCHOR])
+
+    @property
+    def device(self):
+        return next(iter(self.tensors[Role.ANCHOR].values())).device
+
+    def weight(self, name):
+        return bit_centering.dequantize(self[Role.ANCHOR][name], self[Role.OFFSET][name], self[Role.SCALE][name])
+
+    def weights(self):
+        """``{param name: float32 tensor A + d*Z}``."""
+        return OrderedDict((n, self.weight(n)) for n in self.names)
+
+    def commit(self, roles, values):
+        """Replace the state of each ``(role, name)`` in ``roles`` that a step updates by its new value."""
+        for (role, name), value in zip(roles, values):
+            if role in (Role.OFFSET, Role.MOMENTUM, Role.BUFFER):
+                self.tensors[role][name] = value
+
+    def recenter(self, anchors, offsets, scales, full_grads):
+        names = self.names
+        self.tensors[Role.ANCHOR] = OrderedDict(zip(names, anchors))
+        self.tensors[Role.OFFSET] = OrderedDict(zip(names, offsets))
+        self.tensors[Role.SCALE] = OrderedDict(zip(names, scales))
+        self.tensors[Role.FULL_GRAD] = OrderedDict(zip(names, full_grads))
+        self.steps_since_recenter = 0
+        self.recenters += 1
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _keys(self):
+        """``{state dict key: (role, name)}`` for every tensor of the state."""
+        keys = OrderedDict((f"{n}.{role.value}", (role, n)) for n in self.names for role in PER_TENSOR_STATE
+                           if n in self.tensors[role])
+        keys.update((f"buffers.{n}", (Role.BUFFER, n)) for n in self.tensors[Role.BUFFER])
+        return keys
+
+    def state_dict(self, lr):
+        """Per parameter ``<name>.anchor``, ``.offset``, ``.scale``, ``.full_grad`` (and ``.momentum``),
+        ``buffers.<name>``, the counters, ``lr`` and ``bits``; every tensor a copy."""
+        state = OrderedDict((key, self.tensors[role][name]) for key, (role, name) in self._keys().items())
+        state.update({c: getattr(self, c) for c in _COUNTERS}, lr=lr, bits=self.bits)
+        return OrderedDict((k, v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in state.items())
+
+    def load_state_dict(self, state_dict, lr):
+        """Restore a :meth:`state_dict` and return its ``lr``. Everything is checked before anything changes:
+        a dict from another model or another ``bits``, or with a bad counter or lr, is an error."""
+        expected = self.state_dict(lr)
+        if state_dict.get("bits", "missing") != self.bits:
+            raise ValueError(f"the state dict was saved with bits={state_dict.get('bits', 'missing')!r}; "
+                             f"this step has bits={self.bits!r}")
+        missing, unexpected = set(expected) - set(state_dict), set(state_dict) - set(expected)
+        if missing or unexpected:
+            raise KeyError(f"the state dict does not fit this model: missing {sorted(missing)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]}")
+        for key, mine in expected.items():
+            theirs = state_dict[key]
+            if isinstance(mine, torch.Tensor) and (
+                    not isinstance(theirs, torch.Tensor) or theirs.shape != mine.shape or theirs.dtype != mine.dtype):
+                got = f"{tuple(theirs.shape)} {theirs.dtype}" if isinstance(theirs, torch.Tensor) else type(theirs).__name__
+                raise ValueError(f"state dict entry {key!r} is {got}; this step needs {tuple(mine.shape)} {mine.dtype}")
+        counters = {c: arguments.check_count(c, state_dict[c]) for c in _COUNTERS}
+        if counters["rounding_counter"] >= 2 ** 63:
+            raise ValueError(f"state dict entry 'rounding_counter' must be below 2**63; got {counters['rounding_counter']}")
+        new_lr = arguments.check_positive("lr", state_dict["lr"])
+        for key, (role, name) in self._keys().items():
+            self.tensors[role][name] = state_dict[key].detach().clone().to(self.device)
+        for c, value in counters.items():
+            setattr(self, c, value)
+        return new_lr
