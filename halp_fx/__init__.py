@@ -9,16 +9,18 @@ import sys
 
 
 def _passes_from_a_checkout():
-    """``passes/`` sits at the top of the repository and is installed as ``halp_fx.passes``; in a plain checkout,
-    not installed, the same folder is loaded under that name."""
-    if importlib.util.find_spec(__name__ + ".passes") is not None:
+    """``passes/`` sits at the top of the repository and is installed as ``halp_fx.passes``. In a checkout (also
+    an editable install) the package has no ``passes`` folder of its own: the checkout's is loaded under that name."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    folder = os.path.join(os.path.dirname(package), "passes")
+    if os.path.isdir(os.path.join(package, "passes")) or not os.path.isfile(os.path.join(folder, "__init__.py")):
         return
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "passes")
     spec = importlib.util.spec_from_file_location(__name__ + ".passes", os.path.join(folder, "__init__.py"),
                                                   submodule_search_locations=[folder])
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
+    setattr(sys.modules[__name__], "passes", module)
 
 
 _passes_from_a_checkout()

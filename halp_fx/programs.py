@@ -26,8 +26,8 @@ log = logging.getLogger("halp_fx")
 # float32 by one ATen conversion each (about 7 us per call, so small tensors stay int8), made just before the
 # call and freed after. The stored offsets stay integers; the arithmetic is the same to the bit.
 WIDEN_OFFSETS_FROM = 4096
-# Distinct batch shapes after which a compiling step warns that each new one costs a compile, and how many
-# shapes' programs are kept (least recently used dropped first).
+# Distinct batch shapes after which a step warns that each new one costs a capture (and a compile), and how
+# many shapes' programs are kept (least recently used dropped first).
 MANY_SHAPES = 4
 KEPT_SHAPES = 8
 
@@ -113,10 +113,10 @@ class Programs:
             self.first = entry
         if len(self.entries) > KEPT_SHAPES:
             self.entries.popitem(last=False)
-        if self.compile and self.shapes_seen >= MANY_SHAPES and not self._warned_shapes:
+        if self.shapes_seen >= MANY_SHAPES and not self._warned_shapes:
             self._warned_shapes = True
-            warnings.warn(f"batches of {self.shapes_seen} different shapes so far: each new shape captures and "
-                          "compiles a program of its own (seconds each). Pad batches to a few sizes or pass "
+            warnings.warn(f"batches of {self.shapes_seen} different shapes so far: each new shape captures (and with "
+                          "compile=True compiles, seconds each) a program of its own. Pad batches to a few sizes or pass "
                           f"drop_last=True to the DataLoader; the {KEPT_SHAPES} most recent shapes stay compiled",
                           ShapeWarning, stacklevel=4)
         return entry

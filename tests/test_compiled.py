@@ -20,8 +20,7 @@ def train(device, compile, steps=8):
 
 @pytest.fixture(scope="module", params=DEVICES)
 def eager_and_compiled(request):
-    with torch._inductor.config.patch(fallback_random=True):
-        return train(request.param, False), train(request.param, True)
+    return train(request.param, False), train(request.param, True)
 
 
 def test_compiled_losses_match_eager(eager_and_compiled):

@@ -126,6 +126,9 @@ def test_short_last_batch_gets_its_own_graph_and_trains():
     step(x, y)
     loss = step(x[:5], y[:5])
     assert torch.isfinite(loss) and step.steps_since_recenter == 2
+    shapes = [key[0][0] for key in step.programs.entries]
+    assert shapes == [(8, 8), (5, 8)]
+    assert all(entry.step is not None for entry in step.programs.entries.values())
 
 
 def test_batchnorm_statistics_move_only_in_the_pass_at_the_weights():
