@@ -23,7 +23,7 @@ from pydoc_data.topics import topics
 from tqdm import tqdm
 
 import halp_fx
-from common import LowPrecisionSGD, optimizer_step, plot_curves, print_table, write_csv
+from common import LowPrecisionSGD, optimizer_step, plot_curves, print_table, show_halp_fx_log, write_csv
 
 
 def parse_args(argv=None):
@@ -105,6 +105,7 @@ def train(name, make_step, vocab_size, train_batches, val_batches, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    show_halp_fx_log()
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     text = "".join(topics[key] for key in sorted(topics))

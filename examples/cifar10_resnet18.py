@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import halp_fx
-from common import optimizer_step, plot_curves, write_csv
+from common import optimizer_step, plot_curves, show_halp_fx_log, write_csv
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 
@@ -153,6 +153,7 @@ def test_accuracy(model, batches):
 
 def main(argv=None):
     args = parse_args(argv)
+    show_halp_fx_log()
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
     if args.synthetic:

@@ -4,6 +4,7 @@ Each example reads top to bottom on its own; this file only holds what would
 otherwise be copied into every one of them.
 """
 import csv
+import logging
 import os
 import time
 
@@ -17,6 +18,13 @@ from tqdm import tqdm  # noqa: E402
 
 import halp_fx  # noqa: E402
 from halp_fx import bit_centering  # noqa: E402
+
+
+def show_halp_fx_log():
+    """Print halp_fx's INFO lines (the start and the end of each Inductor compile, which can take minutes) on
+    stderr, so a run with ``--compile`` does not look stuck; other libraries stay at their default level."""
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("halp_fx").setLevel(logging.INFO)
 
 
 class LowPrecisionSGD:
@@ -147,8 +155,11 @@ def compare_classifiers(label, args, make_model, train_data, test_data, evaluate
     table, write ``summary.csv``, ``curves.csv`` and ``curves.png`` (titled ``title``) under ``args.out``.
     ``after(name, step)`` runs once each method has trained. Returns the summary rows (or the sweep's rows)."""
     x, y = train_data
-    # The full gradient's batches: the training set in a fixed order, all of one shape.
-    batches = [(x[i:i + args.batch_size], y[i:i + args.batch_size]) for i in range(0, len(y), args.batch_size)]
+    # The full gradient's batches: the training set in a fixed order, all of one shape. A short last batch is
+    # dropped, as the training steps drop it: on a batch-norm model its statistics would pull the full gradient
+    # away from the steps' gradients (halp_fx warns, SmallBatchWarning).
+    batches = [(x[i:i + args.batch_size], y[i:i + args.batch_size])
+               for i in range(0, len(y) - args.batch_size + 1, args.batch_size)]
     print(f"{label}: {len(y)} train / {len(test_data[1])} test images, {len(batches)} batches of {args.batch_size}")
     methods, halp = classification_methods(args, batches)
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from common import compare_classifiers
+from common import compare_classifiers, show_halp_fx_log
 
 
 def parse_args(argv=None):
@@ -82,6 +82,7 @@ def evaluate(model, x, y):
 
 def main(argv=None):
     args = parse_args(argv)
+    show_halp_fx_log()
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     train_data, test_data = load_data(args.train_size)

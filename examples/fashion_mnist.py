@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import compare_classifiers
+from common import compare_classifiers, show_halp_fx_log
 
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -99,6 +99,7 @@ def evaluate(model, x, y, batch_size=1000):
 
 def main(argv=None):
     args = parse_args(argv)
+    show_halp_fx_log()
     missing = [name for names in FILES.values() for name in names if find(args.data, name) is None]
     if missing:
         sys.exit(f"Fashion-MNIST not found in {args.data} (no {missing[0]}[.gz]): run `apt-get install "

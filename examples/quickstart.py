@@ -5,6 +5,7 @@
 Prints the rewritten training step (``step.explain()``) and the test accuracy.
 """
 import argparse
+import logging
 import time
 
 import torch
@@ -32,7 +33,7 @@ def accuracy(model, x, y):
         return float((model(x).argmax(1) == y).float().mean())
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=int, default=8, help="offset bits (default 8)")
     parser.add_argument("--epochs", type=int, default=10)
@@ -40,9 +41,14 @@ def main():
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--mu", type=float, default=0.5, help="grid scale: d = ||G|| / (mu * (2^(b-1) - 1))")
     parser.add_argument("--no-compile", action="store_true", help="run the same graphs without Inductor")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1, the model is tiny)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
+    # halp_fx logs when it starts and ends an Inductor compile, which can take a minute.
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("halp_fx").setLevel(logging.INFO)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     train, (x_test, y_test) = digits(args.batch_size)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))

@@ -20,7 +20,7 @@ from sklearn.datasets import make_regression
 from tqdm import tqdm
 
 import halp_fx
-from common import LowPrecisionSGD, optimizer_step, plot_curves, print_table, write_csv
+from common import LowPrecisionSGD, optimizer_step, plot_curves, print_table, show_halp_fx_log, write_csv
 
 
 def parse_args(argv=None):
@@ -73,6 +73,7 @@ def train(name, make_step, batches, w_opt, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    show_halp_fx_log()
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
 

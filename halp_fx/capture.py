@@ -176,6 +176,9 @@ def capture_gradient(model, loss_fn, sig, example):
             raise
         except Exception as error:
             where = stack[-1] if stack else "the loss function"
+            if "_local_scalar_dense" in str(error):  # older torch refuses .item() while tracing, even eagerly
+                raise CaptureError(f"{where} reads a tensor's value into Python ({READS_VALUES}), which this "
+                                   "torch cannot trace. Rewrite that part with tensor ops (torch.where, masking)") from error
             raise CaptureError(
                 f"could not capture the training step: {type(error).__name__} in {where}: "
                 f"{str(error).splitlines()[0] if str(error) else ''}\n"
@@ -184,6 +187,9 @@ def capture_gradient(model, loss_fn, sig, example):
                 "module attributes cannot be captured. Rewrite that part with tensor ops "
                 "(torch.where, masking), or keep it outside the model's forward.") from error
     return _with_named_inputs(gm, sig.input_roles(), sig.output_roles())
+
+
+READS_VALUES = ".item(), .tolist(), int(tensor)"
 
 
 def data_dependent_nodes(gm):

@@ -20,6 +20,7 @@ import inspect
 import sys
 
 import torch
+import torch._inductor.config
 
 
 def compile_graph(gm, example_inputs):
@@ -38,7 +39,7 @@ def compile_graph(gm, example_inputs):
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
     try:
         fakes = [fake_mode.from_tensor(t, static_shapes=True) for t in example_inputs]
-    except TypeError:  # an older torch without static_shapes=: compile as before, without the FX graph cache
+    except TypeError:  # a torch whose from_tensor has no static_shapes=: compile without the FX graph cache
         return compile_on(list(example_inputs))
     with tracing(TracingContext(fake_mode)), _python_calls_cacheable(gm):
         return compile_on(fakes)

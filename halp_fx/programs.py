@@ -14,7 +14,7 @@ from collections import OrderedDict
 import torch
 
 from . import passes
-from .capture import capture_gradient, data_dependent_nodes
+from .capture import READS_VALUES, capture_gradient, data_dependent_nodes
 from .errors import CaptureError, ShapeWarning
 from .inductor import compile_graph
 from .roles import OUTPUT_ROLES, ROLE, Role
@@ -100,9 +100,9 @@ class Programs:
             return self.entries[key]
         captured = capture_gradient(self.model, self.loss_fn, signature, example)
         if self.compile and data_dependent_nodes(captured):
-            raise CaptureError("the training step reads a tensor's value into Python (.item(), .tolist(), "
-                               "int(tensor)), which Inductor cannot compile. Rewrite that part with tensor ops "
-                               "(torch.where, masking), or pass compile=False: the same graph then runs eagerly")
+            raise CaptureError(f"the training step reads a tensor's value into Python ({READS_VALUES}), which "
+                               "Inductor cannot compile. Rewrite that part with tensor ops (torch.where, masking), "
+                               "or pass compile=False: the same graph then runs eagerly")
         h = self.hyper
         stages, summaries = passes.run_passes(
             captured, passes.halp_passes(h["bits"], h["rounding"], h["momentum"], h["weight_decay"]))

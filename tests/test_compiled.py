@@ -1,6 +1,7 @@
 """Inductor-compiled steps agree with the same graphs run eagerly (compile=False)."""
 import pytest
 import torch
+import torch._inductor.config
 import torch.nn.functional as F
 
 import halp_fx
@@ -25,7 +26,7 @@ def eager_and_compiled(request):
 
 def test_compiled_losses_match_eager(eager_and_compiled):
     (_, eager), (_, compiled) = eager_and_compiled
-    assert compiled == pytest.approx(eager, rel=1e-5)
+    assert compiled == pytest.approx(eager, rel=1e-5, abs=1e-6)
 
 
 def test_compiled_offsets_match_eager_but_for_rare_rounding_flips(eager_and_compiled):
@@ -63,6 +64,8 @@ def test_compiled_rounding_noise_is_bit_identical_to_eager(device):
     assert torch.equal(compile_fx(noise, [like, key])(like, key)[0], bit_centering.uniform_noise(like, key))
 
 
+@pytest.mark.skipif(not hasattr(torch._inductor.config, "fx_graph_cache"),
+                    reason="Inductor has no FX graph cache before torch 2.2")
 def test_a_second_compile_of_the_same_step_is_served_from_inductors_cache():
     """A warm first call must not recompile: both graphs are looked up in Inductor's FX graph cache."""
     from torch._dynamo.utils import counters

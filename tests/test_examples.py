@@ -1,17 +1,22 @@
 """Smoke tests of the examples: each runs its real code path (training, table, CSV, plot) at a tiny size."""
 import csv
 import gzip
+import logging
 import os
 import sys
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
 sys.path.insert(0, EXAMPLES)
 
 import matplotlib  # noqa: E402
+
+import halp_fx  # noqa: E402
 
 matplotlib.use("Agg")
 
@@ -24,6 +29,15 @@ def restore_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def restore_halp_fx_log_level():
+    """The examples turn on halp_fx's INFO lines for their own process; the other tests expect the default."""
+    logger = logging.getLogger("halp_fx")
+    level = logger.level
+    yield
+    logger.setLevel(level)
 
 
 def read_csv(path):
@@ -123,3 +137,73 @@ def test_cifar10_resnet18_trains_and_logs_on_synthetic_data(tmp_path):
                                   "--checkpoint", str(tmp_path / "checkpoint.pt")])
     assert_curves(tmp_path, ["method", "epoch", "train_loss", "test_accuracy", "seconds"], ["HALP 8-bit"], 1)
     assert rows[-1]["epoch"] == 1 and (tmp_path / "checkpoint.pt").exists()
+
+
+def test_quickstart_runs_on_one_torch_thread_by_default(capsys):
+    import quickstart
+    torch.set_num_threads(3)
+    quickstart.main(["--epochs", "1", "--no-compile"])
+    assert torch.get_num_threads() == 1
+    assert "8-bit HALP: test accuracy" in capsys.readouterr().out
+
+
+def test_digits_never_feeds_batch_norm_a_short_last_batch(tmp_path):
+    import digits
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in digits.SmallCNN().modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", halp_fx.SmallBatchWarning)
+        # 110 = 2 x 50 + 10: a last batch of 10 would reach the full gradient, a fifth of the first batch.
+        digits.main(["--epochs", "1", "--train-size", "110", "--batch-size", "50", "--out", str(tmp_path)])
+
+
+def test_cifar10_resnet18_never_feeds_batch_norm_a_short_last_batch(tmp_path):
+    import cifar10_resnet18
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", halp_fx.SmallBatchWarning)
+        # 34 = 2 x 16 + 2: a last batch of 2 would reach both the steps and the full gradient.
+        cifar10_resnet18.main(["--synthetic", "--synthetic-size", "34", "--batch-size", "16", "--epochs", "1",
+                               "--width", "4", "--T", "2", "--no-compile", "--out", str(tmp_path)])
+
+
+DIGITS_RESULTS = os.path.join(ROOT, "docs", "results", "digits", "summary.csv")
+# The README names the methods in words; summary.csv by the names the script prints.
+README_DIGITS_METHODS = {"SGD": "SGD", "low-precision SGD, 8-bit fixed grid": "LP-SGD 8-bit",
+                         "SVRG (`bits=None`)": "SVRG", "HALP 8-bit": "HALP 8-bit", "HALP 4-bit": "HALP 4-bit"}
+
+
+def markdown_table_after(path, marker):
+    """The body rows, as lists of cells, of the first markdown table after the first line starting with ``marker``."""
+    with open(path) as f:
+        lines = [line.strip() for line in f]
+    start = next(i for i, line in enumerate(lines) if line.startswith(marker))
+    first = next(i for i in range(start, len(lines)) if lines[i].startswith("|"))
+    table = []
+    for line in lines[first + 2:]:
+        if not line.startswith("|"):
+            break
+        table.append([cell.strip() for cell in line.strip("|").split("|")])
+    return table
+
+
+def digits_summary():
+    return {r["method"]: r for r in read_csv(DIGITS_RESULTS)[1]}
+
+
+def test_the_readme_digits_table_quotes_the_saved_digits_run():
+    quoted = {README_DIGITS_METHODS[method]: (accuracy, seconds)
+              for method, accuracy, seconds in markdown_table_after(os.path.join(ROOT, "README.md"), "**Digits**")}
+    assert quoted == {method: (f"{float(r['test_accuracy']):.2f}", f"{float(r['seconds']):.1f}")
+                      for method, r in digits_summary().items()}
+
+
+def test_the_digits_table_in_docs_examples_quotes_the_saved_digits_run():
+    rows = markdown_table_after(os.path.join(ROOT, "docs", "examples.md"), "Default run (seed 0)")
+    quoted = {method.split(",")[0]: (accuracy, loss, seconds) for method, accuracy, loss, seconds, _ in rows}
+    assert quoted == {method: (f"{float(r['test_accuracy']):.2f} %", f"{float(r['train_loss']):.3g}",
+                               f"{float(r['seconds']):.1f} s") for method, r in digits_summary().items()}
+
+
+def test_the_examples_built_on_common_turn_on_halp_fx_info_lines(tmp_path):
+    import regression
+    regression.main(["--samples", "4", "--epochs", "1", "--out", str(tmp_path)])
+    assert logging.getLogger("halp_fx").isEnabledFor(logging.INFO)
