@@ -11,9 +11,10 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import halp_fx
-from halp_fx.capture import capture_gradient, capture_training_step, signature_of
+from halp_fx.capture import capture_gradient, signature_of
 from halp_fx.inductor import compile_graph
 
 from .torchhalp_reference import TorchhalpStyleHALP
@@ -68,7 +69,8 @@ class EagerSGD(Method):
 
 class CompiledSGD(Method):
     name = "compiled_sgd"
-    description = "halp_fx.capture.capture_training_step (make_fx) + Inductor compile_fx (as halp_fx compiles): the captured plain step"
+    description = ("halp_fx.capture.capture_gradient (make_fx) + the update p - lr*g, traced into one graph and "
+                   "compiled by Inductor as halp_fx compiles: the plain SGD step")
 
     def start(self):
         self.signature = signature_of(self.model, 2)
@@ -78,9 +80,10 @@ class CompiledSGD(Method):
         self.frozen = [params[n].detach() for n in self.signature.frozen_names]
         self.buffers = [buffers[n].detach().clone() for n in self.signature.buffer_names]
         self.lr = torch.tensor(LR, device=self.params[0].device)
-        example = [*self.params, *self.frozen, *self.buffers, *self.batches[0], self.lr]
-        gm = capture_training_step(self.model, loss_fn, self.signature, example)
-        self.fn = _compile(gm, example) if self.compile else gm
+        example = [*self.params, *self.frozen, *self.buffers, *self.batches[0]]
+        self.gradient = capture_gradient(self.model, loss_fn, self.signature, example)
+        gm = sgd_step_graph(self.gradient, len(self.params), [*example, self.lr])
+        self.fn = _compile(gm, [*example, self.lr]) if self.compile else gm
         self.step(0)
 
     def step(self, i):
@@ -93,13 +96,23 @@ class CompiledSGD(Method):
         """The reference for a full-gradient pass: the compiled gradient graph over every batch, nothing kept."""
         if not hasattr(self, "gradient_fn"):
             example = [*self.params, *self.frozen, *self.buffers, *self.batches[0]]
-            gm = capture_gradient(self.model, loss_fn, self.signature, example)
-            self.gradient_fn = _compile(gm, example) if self.compile else gm
+            self.gradient_fn = _compile(self.gradient, example) if self.compile else self.gradient
         for batch in self.batches:
             self.gradient_fn(*self.params, *self.frozen, *self.buffers, *batch)
 
     def state_tensors(self):
         return list(self.params)
+
+
+def sgd_step_graph(gradient, n_params, example):
+    """``(params, frozen, buffers, batch, lr) -> (loss, params - lr*grads, new buffers)``: the captured gradient
+    graph and the SGD update traced together (make_fx inlines the graph), so Inductor compiles one graph."""
+    def sgd_step(*inputs):
+        *gradient_inputs, lr = inputs
+        loss, *rest = gradient(*gradient_inputs)
+        grads, new_buffers = rest[:n_params], rest[n_params:]
+        return (loss, *[p - lr * g for p, g in zip(gradient_inputs, grads)], *new_buffers)
+    return make_fx(sgd_step, tracing_mode="fake")(*example)
 
 
 class TorchhalpEager(Method):

@@ -20,6 +20,13 @@ def mlp():
     return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, CLASSES))
 
 
+def wide_mlp():
+    """784-2048-2048-2048-10: 10.0M parameters, enough that a step's per-parameter memory shows in the
+    resident set (benchmarks/resident_memory.py)."""
+    return nn.Sequential(nn.Linear(784, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 2048),
+                         nn.ReLU(), nn.Linear(2048, CLASSES))
+
+
 class CNN(nn.Module):
     """Two 3x3 convolutions with BatchNorm on 8x8 single-channel images (sklearn-digits sized)."""
 
@@ -67,6 +74,7 @@ class LSTMClassifier(nn.Module):
 MODELS = {
     "logreg": (logistic_regression, (64,)),
     "mlp": (mlp, (64,)),
+    "mlp10m": (wide_mlp, (784,)),
     "cnn": (CNN, (1, 8, 8)),
     "lenet5": (LeNet5, (1, 28, 28)),
     "lstm": (LSTMClassifier, (20, 16)),

@@ -29,10 +29,11 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 import halp_fx  # noqa: E402
-import halp_fx.training_step as training_step  # noqa: E402
+import halp_fx.programs as programs  # noqa: E402
 from benchmarks import models  # noqa: E402
 from benchmarks.methods import LR, MU, loss_fn  # noqa: E402
 from halp_fx import bit_centering  # noqa: E402
+from halp_fx.roles import Role  # noqa: E402
 
 
 def median_time(fn, calls):
@@ -51,9 +52,8 @@ class PhaseClock:
         self.spent = collections.Counter()
         import torch._inductor.compile_fx as inductor
         self._wrap(inductor, "compile_fx", "Inductor")
-        self._wrap(training_step, "capture_training_step", "capture")
-        self._wrap(training_step, "capture_gradient", "capture")
-        self._wrap(training_step.passes, "run_passes", "passes")
+        self._wrap(programs, "capture_gradient", "capture")
+        self._wrap(programs.passes, "run_passes", "passes")
 
     def _wrap(self, module, name, label):
         original = getattr(module, name)
@@ -78,13 +78,14 @@ def profile_transform(bits, batches, args, clock):
     phases = ", ".join(f"{k} {v:.2f} s" for k, v in clock.spent.items())
     print(f"bits={bits}: first call {first:.2f} s ({phases}, rest {first - sum(clock.spent.values()):.2f} s)")
 
-    program = step._first_step[0]
-    inputs = [step._inputs(program, b) for b in batches]
+    entry = step.programs.first
+    # The inputs as the runtime assembles them (step._sources), built once here so the graph is timed alone.
+    inputs = [entry.step.inputs(step._sources(b)) for b in batches]
     n = len(batches)
     for i in range(20):
         step(*batches[i % n])
     whole = median_time(lambda i: step(*batches[i % n]), args.calls)
-    graph = median_time(lambda i: program.fn(*list(inputs[i % n])), args.calls)
+    graph = median_time(lambda i: entry.step.fn(*inputs[i % n]), args.calls)
     keys = 0.0
     if bits is not None:
         keys = median_time(lambda i: bit_centering.rounding_keys(step.rounding_counter + i, len(step.anchor)),
@@ -92,10 +93,11 @@ def profile_transform(bits, batches, args, clock):
     print(f"  inner step {whole * 1e6:.0f} us = compiled graph {graph * 1e6:.0f} us + runtime "
           f"{(whole - graph) * 1e6:.0f} us (rounding_keys alone: {keys * 1e6:.0f} us)")
 
-    gradient = step._gradient_programs[step._shape_key(batches[0])]
-    gradient_inputs = [step._inputs(gradient, b, anchor=step.anchor) for b in batches]
+    gradient = entry.full_gradient
+    at_weights = {**step.state.tensors, Role.PARAM: step.weights()}
+    gradient_inputs = [gradient.inputs({**at_weights, Role.BATCH: b}) for b in batches]
     recenter = median_time(lambda i: step.recenter(), 15)
-    calls = median_time(lambda i: [gradient.fn(*list(x)) for x in gradient_inputs], 15)
+    calls = median_time(lambda i: [gradient.fn(*x) for x in gradient_inputs], 15)
     print(f"  recenter {recenter * 1e3:.2f} ms = {n} compiled gradient calls {calls * 1e3:.2f} ms + rest "
           f"{(recenter - calls) * 1e3:.2f} ms")
     if args.dump:

@@ -12,10 +12,14 @@ own (``torch.cuda.synchronize`` around it on a GPU): the inner-step figure is
 the median over the calls that did not recenter, the epoch figure the median of
 the rounds' epoch times, and a ratio between two methods the median over rounds
 of the two methods' per-round values. First-call latency cold (fresh
-``TORCHINDUCTOR_CACHE_DIR``) and warm (the same cache again), and peak resident
-memory, come from one subprocess per method at the first batch size.
+``TORCHINDUCTOR_CACHE_DIR``) and warm (the same cache again), peak resident
+memory, and the resident memory a method keeps after its epoch (per trainable
+parameter: the resident set then less the resident set before the model was
+built) come from one subprocess per method at the first batch size.
 """
 import argparse
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -32,6 +36,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 ALL_MODELS = ["logreg", "mlp", "cnn", "lenet5", "lstm"]
+EXTRA_MODELS = ["mlp10m"]  # benchmarks/resident_memory.py's model; too slow for the default set
 ALL_METHODS = ["eager_sgd", "compiled_sgd", "torchhalp_eager", "compiled_svrg", "compiled_halp8", "compiled_halp4",
                "optim_halp"]
 WORKER_MARK = "BENCHMARK_WORKER_RESULT "
@@ -41,7 +46,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="logreg only, batch 8, 4 batches per epoch, 2 repeats, warm subprocess only")
-    p.add_argument("--models", nargs="+", choices=ALL_MODELS)
+    p.add_argument("--models", nargs="+", choices=ALL_MODELS + EXTRA_MODELS)
     p.add_argument("--batch-sizes", nargs="+", type=int)
     p.add_argument("--methods", nargs="+", choices=ALL_METHODS)
     p.add_argument("--repeats", type=int, help="timed rounds after the warm-up (default 5, --quick 2)")
@@ -281,18 +286,19 @@ def ratios(group):
 
 # -- first call and memory, one subprocess per method --------------------------------------------------
 def worker(args):
-    """Runs in a subprocess: build, time the first call, run one epoch, report peak RSS."""
+    """Runs in a subprocess: build, time the first call, run one epoch, report peak and retained RSS."""
     torch = setup(args)
     from benchmarks import models
     from benchmarks.methods import METHODS
     model_name, batch_size, name = args.worker.split(":")
     sync = make_sync(torch, args.device)
     batches = models.batches(model_name, int(batch_size), args.batches_per_epoch, args.device)
+    resident_before = resident_mib()
     model = models.build(model_name, args.device)
+    n_params = models.trainable_parameters(model)  # before the first step, which may release them
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    resident_before = resident_mib()
     method = METHODS[name](model, batches, compile=not args.no_inductor)
     sync()
     start = time.perf_counter()
@@ -302,17 +308,26 @@ def worker(args):
     for i in range(1, len(batches) + 1):
         method.step(i % len(batches))
     sync()
-    result = {"first_call_s": first_call, "baseline_rss_mib": baseline_kib / 1024,
+    result = {"first_call_s": first_call, "trainable_parameters": n_params, "baseline_rss_mib": baseline_kib / 1024,
               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if resident_before is not None:
         result["retained_rss_mib"] = resident_mib() - resident_before
+        result["retained_rss_bytes_per_param"] = result["retained_rss_mib"] * 2 ** 20 / n_params
     if args.device == "cuda":
         result["peak_cuda_allocated_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
     print(WORKER_MARK + json.dumps(result), flush=True)
 
 
 def resident_mib():
-    """The resident set now (Linux /proc), not the high-water mark: what a method keeps after its epoch."""
+    """The resident set now (Linux /proc), not the high-water mark: what a method keeps after its epoch.
+
+    Garbage is collected and glibc's allocator hands its free pages back first, so that memory a method freed
+    (the recenter's temporaries) does not count as memory it keeps."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the resident set includes the allocator's free pages
+        pass
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
@@ -412,7 +427,8 @@ def rss_growth(worker_result):
 
 def print_table(results, targets):
     header = (f"{'model':8s} {'batch':>5s} {'method':16s} {'inner ms':>9s} {'epoch ms':>9s} {'fullgrad ms':>11s} "
-              f"{'1st call s':>10s} {'cold s':>8s} {'warm s':>8s} {'B/param':>8s} {'peak MiB':>8s} {'+MiB':>7s} {'kept MiB':>8s}")
+              f"{'1st call s':>10s} {'cold s':>8s} {'warm s':>8s} {'B/param':>8s} {'peak MiB':>8s} {'+MiB':>7s} "
+              f"{'kept MiB':>8s} {'kept B/param':>12s}")
     print("\n" + header + "\n" + "-" * len(header))
     for g in results:
         for name, m in g["methods"].items():
@@ -426,7 +442,8 @@ def print_table(results, targets):
                   f"{fmt(m.get('first_call_in_process_s'), 1, 3):>10s} {fmt(cold.get('first_call_s'), 1, 3):>8s} "
                   f"{fmt(warm.get('first_call_s'), 1, 3):>8s} {fmt(m.get('state_bytes_per_param'), 1, 3):>8s} "
                   f"{fmt(warm.get('peak_rss_mib'), 1, 0):>8s} {fmt(rss_growth(warm), 1, 1):>7s} "
-                  f"{fmt(warm.get('retained_rss_mib'), 1, 1):>8s}")
+                  f"{fmt(warm.get('retained_rss_mib'), 1, 1):>8s} "
+                  f"{fmt(warm.get('retained_rss_bytes_per_param'), 1, 1):>12s}")
         if "compiled_fwd_bwd_pass_s" in g:
             print(f"{g['model']:8s} {g['batch_size']:5d} {'(compiled fwd+bwd pass)':33s} "
                   f"{fmt(g['compiled_fwd_bwd_pass_s'], 1e3, 2):>11s}")
@@ -443,20 +460,21 @@ def print_table(results, targets):
 def markdown(report):
     """The results as a Markdown table, for docs/performance.md."""
     lines = ["| model | batch | method | inner step ms | epoch ms | full-grad pass ms | first call s (cold / warm) "
-             "| state B/param |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+             "| state B/param | kept RSS B/param |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for g in report["results"]:
         for name, m in g["methods"].items():
             if "error" in m:
-                lines.append(f"| {g['model']} | {g['batch_size']} | {name} | failed: {m['error'][:60]} | | | | |")
+                lines.append(f"| {g['model']} | {g['batch_size']} | {name} | failed: {m['error'][:60]} | | | | | |")
                 continue
             cold, warm = m.get("first_call_cold", {}), m.get("first_call_warm", {})
             first = f"{fmt(cold.get('first_call_s'), 1, 1)} / {fmt(warm.get('first_call_s'), 1, 1)}"
             lines.append(f"| {g['model']} | {g['batch_size']} | {name} | {fmt(m.get('inner_step_s'), 1e3, 3)} "
                          f"| {fmt(m.get('epoch_s'), 1e3, 1)} | {fmt(m.get('full_grad_pass_s'), 1e3, 2)} | {first} "
-                         f"| {fmt(m.get('state_bytes_per_param'), 1, 3)} |")
+                         f"| {fmt(m.get('state_bytes_per_param'), 1, 3)} "
+                         f"| {fmt(warm.get('retained_rss_bytes_per_param'), 1, 1)} |")
         if "compiled_fwd_bwd_pass_s" in g:
             lines.append(f"| {g['model']} | {g['batch_size']} | *compiled fwd+bwd pass* | | "
-                         f"| {fmt(g['compiled_fwd_bwd_pass_s'], 1e3, 2)} | | |")
+                         f"| {fmt(g['compiled_fwd_bwd_pass_s'], 1e3, 2)} | | | |")
     return "\n".join(lines) + "\n"
 
 
