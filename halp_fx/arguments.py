@@ -11,6 +11,7 @@ import torch
 from .bit_centering import ROUNDINGS
 
 ON_NONFINITE = ("raise", "skip")
+ARITHMETICS = ("fp32", "int8")
 
 
 def _is_int(value):
@@ -43,6 +44,19 @@ def check_positive(name, value):
         raise ValueError(f"{name} must be a finite number > 0 that float32 can hold (from {_FLOAT32.tiny:.3g} to "
                          f"{_FLOAT32.max:.3g}); got {value!r}")
     return float(value)
+
+
+AUTO_MU = "auto"
+
+
+def check_mu(mu):
+    """A finite number > 0 (see :func:`check_positive`), or ``"auto"`` (the runtime chooses each tensor's mu at
+    every recenter, :func:`halp_fx.recenter.next_mu`)."""
+    if isinstance(mu, str) and mu == AUTO_MU:
+        return AUTO_MU
+    if not _is_real(mu) or not math.isfinite(mu) or mu <= 0:
+        raise ValueError(f"mu must be a finite number > 0 or 'auto'; got {mu!r}")
+    return check_positive("mu", mu)
 
 
 def check_seed(seed):
@@ -155,15 +169,24 @@ def _describe(batch):
 
 
 def check_transform_arguments(bits, lr, mu, T, momentum, weight_decay, rounding, on_nonfinite, data_loader, seed,
-                              saturation_warning, loss_fn, compile):
+                              saturation_warning, loss_fn, compile, arithmetic="fp32"):
     """Every argument of ``transform`` but the model, checked, as a dict of their normalized values."""
     if not isinstance(saturation_warning, (int, float)) or not 0 < saturation_warning <= 1:
         raise ValueError(f"saturation_warning must be a fraction in (0, 1]; got {saturation_warning!r}")
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(output, target), or None; got {type(loss_fn).__name__}")
-    return dict(bits=check_bits(bits), lr=check_positive("lr", lr), mu=check_positive("mu", mu), T=check_T(T),
+    return dict(bits=check_bits(bits), lr=check_positive("lr", lr), mu=check_mu(mu), T=check_T(T),
                 momentum=check_momentum(momentum), weight_decay=check_weight_decay(weight_decay),
                 rounding=check_rounding(rounding), on_nonfinite=check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE),
                 data_loader=check_data_loader(data_loader), seed=check_seed(seed),
-                saturation_warning=float(saturation_warning), loss_fn=loss_fn, compile=check_compile(compile))
+                saturation_warning=float(saturation_warning), loss_fn=loss_fn, compile=check_compile(compile),
+                arithmetic=check_arithmetic(arithmetic, bits))
+
+
+def check_arithmetic(arithmetic, bits):
+    check_choice("arithmetic", arithmetic, ARITHMETICS)
+    if arithmetic == "int8" and bits is None:
+        raise ValueError("arithmetic='int8' needs a bits value: with bits=None (full-precision SVRG) there are no "
+                         "integer offsets to center the products on; pass bits=8 or arithmetic='fp32'")
+    return arithmetic
 

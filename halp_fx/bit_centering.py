@@ -220,9 +220,10 @@ def offset_update(offset, scale, weight, corrected_grad, momentum_buffer, lr, *,
                   rounding, key=None):
     """The inner step after the SVRG correction: weight decay on ``W``, then momentum, then the offset step.
 
-    Returns ``(new offset, direction, moved)``: ``direction`` is the new momentum
-    buffer when ``momentum_buffer`` is given, ``moved`` the offset before rounding
-    (see :func:`moved_offset`). ``weight_decay`` and ``momentum`` are numbers
+    Returns ``(new offset, direction, moved, underflow)``: ``direction`` is the new
+    momentum buffer when ``momentum_buffer`` is given, ``moved`` the offset before
+    rounding (see :func:`moved_offset`), ``underflow`` the fraction of entries whose
+    step was below half a grid step (see :func:`underflow_fraction`). ``weight_decay`` and ``momentum`` are numbers
     (constants of a graph) or 0-d tensors (so a scheduler changing them does not
     recompile the optimizers' update); a number 0 adds no operation.
     """
@@ -232,7 +233,17 @@ def offset_update(offset, scale, weight, corrected_grad, momentum_buffer, lr, *,
     if momentum_buffer is not None:
         direction = momentum_step(momentum_buffer, direction, momentum)
     moved = moved_offset(offset, scale, direction, lr, bits)
-    return _rounded(moved, bits, rounding, key), direction, moved
+    return _rounded(moved, bits, rounding, key), direction, moved, underflow_fraction(offset, moved, bits)
+
+
+def underflow_fraction(offset, moved, bits):
+    """The fraction of entries whose step ``|moved - Z| = |lr * direction / d|`` is below half a grid step: the
+    steps that rounding to nearest would drop, and that stochastic rounding turns mostly into noise (a 0-d float32
+    tensor; 0 for ``bits=None``, which does not round). A compare and a sum that Inductor fuses into the update."""
+    if bits is None:
+        return torch.zeros((), dtype=torch.float32, device=moved.device)
+    small = (moved - offset.to(moved.dtype)).abs() < 0.5
+    return small.to(torch.float32).sum() / max(moved.numel(), 1)
 
 
 def inner_step(anchor, offset, scale, grad, anchor_grad, full_grad, momentum_buffer, lr, *, weight_decay, momentum,
@@ -243,7 +254,7 @@ def inner_step(anchor, offset, scale, grad, anchor_grad, full_grad, momentum_buf
     momentum, offset step). The optimizers call this function; the passes insert
     its three stages into the captured graph, one pass each (dequantize_weights,
     svrg_correction, offset_update), so the two routes run the same arithmetic.
-    Returns :func:`offset_update`'s ``(new offset, direction, moved)``.
+    Returns :func:`offset_update`'s ``(new offset, direction, moved, underflow)``.
     """
     weight = dequantize(anchor, offset, scale)
     corrected = svrg_corrected(grad, anchor_grad, full_grad)

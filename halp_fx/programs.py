@@ -105,7 +105,8 @@ class Programs:
                                "or pass compile=False: the same graph then runs eagerly")
         h = self.hyper
         stages, summaries = passes.run_passes(
-            captured, passes.halp_passes(h["bits"], h["rounding"], h["momentum"], h["weight_decay"]))
+            captured, passes.halp_passes(h["bits"], h["rounding"], h["momentum"], h["weight_decay"], h["arithmetic"],
+                                         h.get("group"), h.get("world_size", 1)))
         entry = ShapeEntry(captured, stages, summaries)
         self.entries[key] = entry
         self.shapes_seen += 1

@@ -2,6 +2,7 @@
 
 ``A <- W``; ``G`` = the mean gradient over the data at ``A``, each batch weighted
 by its number of examples; ``d = ||G|| / (mu * (2**(bits-1) - 1))``; ``Z <- 0``.
+With ``mu="auto"`` each tensor's mu is first moved by :func:`next_mu`.
 The callers differ only in how they compute one batch's gradient (a compiled
 graph, or the user's closure), which they pass in as ``gradient_of``.
 """
@@ -19,12 +20,14 @@ def examples_in(batch):
     return batch[0].shape[0] if batch[0].dim() else 1
 
 
-def full_gradient(batches, gradient_of):
+def full_gradient(batches, gradient_of, reduce=None):
     """The example-weighted mean of ``gradient_of(batch)`` (a list of tensors) over ``batches``.
 
     Returns ``(mean gradients, their norms)``. A batch whose gradient is NaN or
     infinite raises :class:`NonFiniteError` naming its index: without a full
     gradient there is nothing to correct the steps with, so this is never skipped.
+    ``reduce((sums, examples)) -> (sums, examples)`` combines the sums of several
+    data-parallel ranks (:func:`halp_fx.distributed.sum_over_ranks`).
     """
     accumulators, flags, total = None, [], 0
     for raw in batches:
@@ -37,6 +40,8 @@ def full_gradient(batches, gradient_of):
         flags.append(bit_centering.all_finite(*grads))
         torch._foreach_add_(accumulators, list(grads), alpha=examples)
         total += examples
+    if reduce is not None:
+        accumulators, total = reduce(accumulators, total)
     if total == 0:
         raise ValueError("the full gradient saw no batch: data_loader (or batches=) yielded nothing. A one-shot "
                          "iterable (a generator) is used up after one pass: pass a list of batches or a DataLoader")
@@ -46,8 +51,61 @@ def full_gradient(batches, gradient_of):
         raise NonFiniteError(f"the full gradient is NaN/Inf: batch {index} of the data loader gives a NaN/Inf "
                              "gradient at the current weights. The anchor, offsets and scales were not changed. "
                              "Check that batch for NaN/Inf (or the weights, if they diverged), or lower lr.")
+    if reduce is not None and not bool(bit_centering.all_finite(*accumulators)):
+        raise NonFiniteError("the full gradient is NaN/Inf: a batch of another rank's data loader gives a NaN/Inf "
+                             "gradient (that rank's error names it). The anchor, offsets and scales were not changed.")
     torch._foreach_div_(accumulators, total)
     return accumulators, torch._foreach_norm(accumulators)
+
+
+# mu="auto": each tensor's mu moves by one factor per recenter, from the telemetry of the epoch that ends there.
+AUTO_MU_FACTOR = 2.0
+AUTO_MU_BOUNDS = (0.25, 64.0)
+# Coarsen when more than a quarter of a tensor's offsets sit at the bounds ...
+SATURATED_ABOVE = 0.25
+# ... refine when at most 5% do and more than half of its steps were below half a grid step.
+REFINE_SATURATED_AT_MOST = 0.05
+UNDERFLOW_ABOVE = 0.5
+
+
+def first_mu(bits):
+    """The first epoch's mu under ``mu="auto"``: 1 from 8 bits up, doubled for every 2 bits fewer (4 at 4 bits),
+    within :data:`AUTO_MU_BOUNDS`. A coarser grid needs a larger mu before any step survives rounding."""
+    if bits is None:
+        return 1.0
+    return min(2.0 ** max(0, (8 - bits) // 2), AUTO_MU_BOUNDS[1])
+
+
+def next_mu(mu, saturated, underflow):
+    """The rule of ``mu="auto"``, applied to each tensor at every recenter after the first.
+
+    ``saturated`` is the fraction of the tensor's offsets at the integer bounds just before the recenter,
+    ``underflow`` the mean over the epoch's steps of the fraction of its entries whose step ``|lr*u/d|`` was below
+    half a grid step (``None`` when no step ran since the last recenter: mu stays). Saturated offsets say the grid
+    is too fine for the steps taken: mu is halved. Steps lost in rounding with nothing clipped say it is too
+    coarse: mu is doubled. Otherwise it stays; always within :data:`AUTO_MU_BOUNDS`.
+    """
+    low, high = AUTO_MU_BOUNDS
+    if underflow is None:
+        return mu
+    if saturated > SATURATED_ABOVE:
+        return max(mu / AUTO_MU_FACTOR, low)
+    if saturated <= REFINE_SATURATED_AT_MOST and underflow > UNDERFLOW_ABOVE:
+        return min(mu * AUTO_MU_FACTOR, high)
+    return mu
+
+
+def next_mus(mus, offsets, underflow_sums, steps, bits):
+    """:func:`next_mu` for every tensor, from its offsets and its underflow sum over ``steps`` steps.
+    ``bits`` is one value per tensor; a tensor with ``bits=None`` keeps its mu."""
+    if steps == 0:
+        return list(mus)
+    underflows = (torch.stack(list(underflow_sums)).double() / steps).tolist()
+    saturations = {}
+    for b in {b for b in bits if b is not None}:
+        group = [i for i, bb in enumerate(bits) if bb == b]
+        saturations.update(zip(group, bit_centering.saturated_fractions([offsets[i] for i in group], b).tolist()))
+    return [next_mu(mu, saturations[i], underflows[i]) if i in saturations else mu for i, mu in enumerate(mus)]
 
 
 def recentered(weights, full_grads, norms, mus, bits):

@@ -33,7 +33,9 @@ class Role(str, enum.Enum):
     # nodes and outputs the passes add
     WEIGHT = "weight"          # W = A + d * Z, computed in the step
     CORRECTED_GRAD = "corrected_grad"  # u = g(W) - g(A) + G
-    UPDATE = "update"          # offset_update's (new offset, direction, offset before rounding)
+    UPDATE = "update"          # offset_update's (new offset, direction, offset before rounding, underflow)
+    UNDERFLOW = "underflow"    # 0-d float32: the sum over the steps since the last recenter of the fraction of
+                               # a tensor's entries whose step was below half a grid step (mu="auto" reads it)
     ALL_FINITE = "all_finite"  # the guard's flag
 
     def __repr__(self):
@@ -43,7 +45,7 @@ class Role(str, enum.Enum):
 
 
 # The state a successful step replaces with its outputs of the same role.
-COMMITTED = (Role.OFFSET, Role.MOMENTUM, Role.BUFFER)
+COMMITTED = (Role.OFFSET, Role.MOMENTUM, Role.BUFFER, Role.UNDERFLOW)
 # The state a HALP step keeps per trainable tensor, in state_dict order.
 PER_TENSOR_STATE = (Role.ANCHOR, Role.OFFSET, Role.SCALE, Role.FULL_GRAD, Role.MOMENTUM)
 

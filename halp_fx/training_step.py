@@ -15,12 +15,12 @@ import weakref
 
 import torch
 
-from . import arguments, bit_centering, introspection
+from . import arguments, bit_centering, distributed, introspection
 from .capture import signature_of
 from .data import full_gradient_batches, has_batch_norm
 from .errors import NonFiniteError, SmallBatchWarning
 from .programs import Programs
-from .recenter import examples_in, full_gradient, recentered, saturated_fraction, warn_if_saturated
+from .recenter import examples_in, full_gradient, next_mus, recentered, saturated_fraction, warn_if_saturated
 from .roles import Role
 from .state import HalpState
 
@@ -41,16 +41,22 @@ class TrainingStep:
     """Callable HALP training step over a model; see :func:`halp_fx.transform`."""
 
     def __init__(self, model, *, loss_fn, data_loader, bits, lr, T, mu, momentum, weight_decay, rounding, compile,
-                 on_nonfinite, seed, saturation_warning):
+                 on_nonfinite, seed, saturation_warning, arithmetic="fp32", process_group=None):
         self.model, self.loss_fn, self.data_loader = model, loss_fn, data_loader
+        self.arithmetic = arithmetic
         self.bits, self.rounding, self.compile, self.on_nonfinite = bits, rounding, compile, on_nonfinite
         self.momentum, self.weight_decay = momentum, weight_decay
+        self._mu = None
         self.lr, self.mu = lr, mu
         self.T = T if T is not None or data_loader is None else len(data_loader)
         self.saturation_warning = saturation_warning
         self.signature = signature_of(model, None)
-        self.state = HalpState(model, self.signature, bits, momentum, seed)
-        hyper = dict(bits=bits, rounding=rounding, momentum=momentum, weight_decay=weight_decay)
+        self.state = HalpState(model, self.signature, bits, momentum, seed, auto_mu=self.mu == arguments.AUTO_MU)
+        self.process_group = process_group   # None: one process; else the group the step averages over
+        hyper = dict(bits=bits, rounding=rounding, momentum=momentum, weight_decay=weight_decay, arithmetic=arithmetic)
+        if process_group is not None:
+            hyper.update(group=distributed.group_name(process_group),
+                         world_size=torch.distributed.get_world_size(process_group))
         self.programs = Programs(model, loss_fn, hyper, compile, self.state.device.type == "cpu")
         self._layout = None  # (ndim, dtype) per batch tensor, recorded once a step has succeeded
         self._first_examples = None
@@ -78,7 +84,11 @@ class TrainingStep:
 
     @mu.setter
     def mu(self, value):
-        self._mu = arguments.check_positive("mu", value)
+        value = arguments.check_mu(value)
+        if self._mu is not None and (value == arguments.AUTO_MU) != (self._mu == arguments.AUTO_MU):
+            raise ValueError(f"mu is {self._mu!r}: a step switches neither to nor from mu='auto' (its state differs); "
+                             "pass the mu you want to transform()")
+        self._mu = value
 
     # -- the state, by role ---------------------------------------------------------------------
     anchor = property(lambda self: self.state[Role.ANCHOR])
@@ -149,10 +159,21 @@ class TrainingStep:
             return [outputs[i] for i in program.positions(Role.GRAD)]
 
         self._warn_if_saturated(stacklevel=3)
-        full_grads, norms = full_gradient(source, gradient_of)
-        n = len(full_grads)
-        centered = recentered(list(weights.values()), full_grads, norms, [self.mu] * n, [self.bits] * n)
-        self.state.recenter(*zip(*centered), full_grads)
+        reduce = None
+        if self.process_group is not None:
+            if batches is None and self.state.recenters == 0:
+                distributed.check_same_length(self.data_loader, self.process_group)
+            reduce = distributed.sum_over_ranks(self.process_group)
+        full_grads, norms = full_gradient(source, gradient_of, reduce)
+        state, n = self.state, len(full_grads)
+        mus = [self.mu] * n
+        if state.auto_mu:
+            # The epoch's telemetry is read only once the full gradient succeeded, so a failed recenter changes nothing.
+            steps = state.steps_since_recenter if state.recenters else 0
+            mus = next_mus(list(state.mus.values()), list(self.offset.values()),
+                           list(state[Role.UNDERFLOW].values()), steps, [self.bits] * n)
+        centered = recentered(list(weights.values()), full_grads, norms, mus, [self.bits] * n)
+        state.recenter(*zip(*centered), full_grads, mus)
 
     # -- the state and the module ---------------------------------------------------------------
     def weights(self):
@@ -182,10 +203,16 @@ class TrainingStep:
         self._module_released = True
 
     def stats(self):
-        """Per tensor: ``scale`` and ``saturated``, the fraction of offset entries at the integer bounds now."""
+        """Per tensor: ``mu`` (the one the last recenter used), ``scale``, ``saturated`` (the fraction of offset
+        entries at the integer bounds now) and ``underflow`` (the mean over the steps since the last recenter of the
+        fraction of entries whose step ``|lr*u/d|`` was below half a grid step; 0 before any step)."""
         scales = torch.stack(list(self.scale.values())).tolist()
         saturated = bit_centering.saturated_fractions(list(self.offset.values()), self.bits).tolist()
-        return {n: {"scale": scale, "saturated": fraction} for n, scale, fraction in zip(self.anchor, scales, saturated)}
+        steps = max(self.state.steps_since_recenter, 1)
+        underflow = (torch.stack(list(self.state[Role.UNDERFLOW].values())).double() / steps).tolist()
+        mus = list(self.state.mus.values()) if self.state.auto_mu else [self.mu] * len(scales)
+        return {n: {"mu": mu, "scale": scale, "saturated": fraction, "underflow": low}
+                for n, mu, scale, fraction, low in zip(self.anchor, mus, scales, saturated, underflow)}
 
     def saturated_fraction(self):
         """The fraction of all offset entries, over every tensor, at the integer bounds now."""

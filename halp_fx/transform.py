@@ -1,13 +1,13 @@
 """``halp_fx.transform``: the one call that turns a model into a compiled HALP training step."""
 import torch
 
-from . import arguments
+from . import arguments, distributed
 from .training_step import TrainingStep, is_released
 
 
 def transform(model, bits=8, *, loss_fn=None, data_loader=None, lr=0.01, T=None, mu=0.1, momentum=0.0,
               weight_decay=0.0, rounding="stochastic", compile=True, on_nonfinite="raise", seed=0,
-              saturation_warning=0.1):
+              saturation_warning=0.1, arithmetic="fp32", process_group=None):
     """Capture ``model``'s training step, rewrite it into HALP and compile it.
 
     Args:
@@ -30,6 +30,13 @@ def transform(model, bits=8, *, loss_fn=None, data_loader=None, lr=0.01, T=None,
             whose loss, corrected gradient, update or new buffer is NaN/Inf; either
             way no state changes. A non-finite full gradient always raises.
         seed: start of the stochastic-rounding counter.
+        arithmetic: ``"fp32"`` runs the step's matrix products in float32 on ``W = A + d*Z``; ``"int8"`` runs
+            each product at W as the anchor's product plus int8 products of the differences
+            (:mod:`halp_fx.centered_int8`), where int8 pays on the device (``explain()`` lists each product).
+        process_group: data parallelism over ``torch.distributed`` (:mod:`halp_fx.distributed`). ``None``: over
+            the default group when ``torch.distributed`` is initialized with several processes; ``False``: never;
+            or a ``ProcessGroup``. Each rank passes its own shard as ``data_loader`` (a ``DistributedSampler``);
+            the step then returns the loss averaged over the ranks.
         saturation_warning: at each recenter, warn (:class:`SaturationWarning`)
             when more than this fraction of all offsets sit at the integer bounds.
 
@@ -40,11 +47,12 @@ def transform(model, bits=8, *, loss_fn=None, data_loader=None, lr=0.01, T=None,
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     checked = arguments.check_transform_arguments(bits, lr, mu, T, momentum, weight_decay, rounding, on_nonfinite,
-                                                  data_loader, seed, saturation_warning, loss_fn, compile)
+                                                  data_loader, seed, saturation_warning, loss_fn, compile,
+                                                  arithmetic)
     trainable = arguments.check_parameters(model.named_parameters())
     arguments.check_float32_parameters(trainable)
     held = [n for n, p in trainable if is_released(p)]
     if held:
         raise ValueError(f"the model's parameters ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}) are held "
                          "by another halp_fx step: call that step's sync_model() first, so the module has its weights")
-    return TrainingStep(model, **checked)
+    return TrainingStep(model, **checked, process_group=distributed.resolve_process_group(process_group))

@@ -12,19 +12,26 @@ from collections import OrderedDict
 
 from halp_fx.errors import PassError
 
+from halp_fx import centered_int8
+
+from .all_reduce_pass import AllReducePass
+from .centered_int8_pass import CenteredInt8Pass
 from .dequantize_weights_pass import DequantizeWeightsPass
 from .nonfinite_guard_pass import NonfiniteGuardPass
 from .offset_update_pass import OffsetUpdatePass
 from .svrg_correction_pass import SvrgCorrectionPass
 
-__all__ = ["DequantizeWeightsPass", "SvrgCorrectionPass", "OffsetUpdatePass", "NonfiniteGuardPass",
-           "halp_passes", "run_passes"]
+__all__ = ["DequantizeWeightsPass", "SvrgCorrectionPass", "CenteredInt8Pass", "AllReducePass", "OffsetUpdatePass",
+           "NonfiniteGuardPass", "halp_passes", "run_passes"]
 
 
-def halp_passes(bits, rounding, momentum, weight_decay):
-    """The HALP rewrite, in the order it runs."""
-    return [DequantizeWeightsPass(bits), SvrgCorrectionPass(), OffsetUpdatePass(bits, rounding, momentum, weight_decay),
-            NonfiniteGuardPass()]
+def halp_passes(bits, rounding, momentum, weight_decay, arithmetic="fp32", group=None, world_size=1):
+    """The HALP rewrite, in the order it runs; ``arithmetic="int8"`` adds ``centered_int8``, a data-parallel
+    step (``group``, a name from :func:`halp_fx.distributed.group_name`) adds ``all_reduce``."""
+    int8 = [CenteredInt8Pass(always=centered_int8.forced())] if arithmetic == "int8" else []
+    all_reduce = [AllReducePass(group, world_size)] if group is not None else []
+    return [DequantizeWeightsPass(bits), SvrgCorrectionPass(), *int8, *all_reduce,
+            OffsetUpdatePass(bits, rounding, momentum, weight_decay), NonfiniteGuardPass()]
 
 
 def run_passes(captured, passes):

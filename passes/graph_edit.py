@@ -99,3 +99,25 @@ def finish(gm):
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def stable_topological_sort(graph):
+    """Reorder ``graph`` so every node follows its inputs, moving as little as possible: a node that a pass made
+    depend on a later one (the pass at W reading the anchor pass's product) pulls that node and whatever it needs
+    up to just before itself; everything else keeps its place."""
+    done = set()
+    for node in list(graph.nodes):
+        if node in done:
+            continue
+        stack = [(node, iter(node.all_input_nodes))]
+        while stack:
+            current, inputs = stack[-1]
+            for arg in inputs:
+                if arg not in done:
+                    stack.append((arg, iter(arg.all_input_nodes)))
+                    break
+            else:
+                stack.pop()
+                if current is not node:
+                    node.prepend(current)
+                done.add(current)

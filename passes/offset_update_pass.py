@@ -9,7 +9,9 @@ After (``bits=8``, nearest rounding)::
 
     update_weight = halp_fx_bit_centering_offset_update(offset_weight, scale_weight, w_weight, corrected_grad_weight, None, lr, weight_decay = 0.0, momentum = 0.0, bits = 8, rounding = 'nearest')
     new_offset_weight = update_weight[0]
-    return (view, new_offset_weight, new_offset_bias)
+    step_underflow_weight = update_weight[3]
+    new_underflow_weight = torch.ops.aten.add.Tensor(underflow_weight, step_underflow_weight)
+    return (view, new_offset_weight, new_offset_bias, new_underflow_weight, new_underflow_bias)
 
 ``offset_update`` is weight decay (on the full weight W), momentum (a float32
 buffer, a new input and output) and the rounded, saturated offset step, as
@@ -17,7 +19,10 @@ buffer, a new input and output) and the rounded, saturated offset step, as
 rounding adds one more, ``rounding_keys``, one int32 key per tensor, made by
 the runtime each step from its rounding counter
 (:func:`halp_fx.bit_centering.rounding_keys`). The update's third value, the
-offset before rounding, is what the non-finite guard checks.
+offset before rounding, is what the non-finite guard checks. Its fourth, the
+fraction of entries whose step was below half a grid step, is added to an
+``underflow`` input (one 0-d float32 per tensor, a new output too): the runtime's
+telemetry for ``mu="auto"`` and ``stats()``.
 """
 import logging
 import operator
@@ -69,6 +74,11 @@ class OffsetUpdatePass(HalpPass):
                                  [offsets[name], scales[name], weights[name], direction, buffer, lr], kwargs, out,
                                  f"update_{label}", role=(Role.UPDATE, name))
             new_offset = insert_call(graph, operator.getitem, [update, 0], {}, out, f"new_offset_{label}")
+            underflow = add_input(graph, (Role.UNDERFLOW, name), (), torch.float32)
+            step_underflow = insert_call(graph, operator.getitem, [update, 3], {}, out, f"step_underflow_{label}")
+            new_underflow = insert_call(graph, torch.ops.aten.add.Tensor, [underflow, step_underflow], {}, out,
+                                        f"new_underflow_{label}")
+            append_output(graph, new_underflow, (Role.UNDERFLOW, name))
             if self.momentum:
                 new_momentum = insert_call(graph, operator.getitem, [update, 1], {}, out, f"new_momentum_{label}")
                 append_output(graph, new_momentum, (Role.MOMENTUM, name))

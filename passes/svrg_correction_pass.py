@@ -35,6 +35,8 @@ from .pass_base import HalpPass
 
 log = logging.getLogger(__name__)
 
+TWIN = "halp_anchor_twin"
+
 
 def _ancestors(roots):
     seen, stack = set(), list(roots)
@@ -86,6 +88,7 @@ class SvrgCorrectionPass(HalpPass):
                         copies[arg] = graph.call_function(torch.ops.aten.clone.default, (arg,))
                         copies[arg].meta["val"] = arg.meta.get("val")
                 copies[node] = graph.node_copy(node, lambda n: copies.get(n, n))
+                node.meta[TWIN] = copies[node].name   # for later passes: the same value at the anchor, by name
         self.copied = len(to_copy)
 
         for name, (position, grad) in grads.items():

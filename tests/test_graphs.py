@@ -108,21 +108,25 @@ def forward(self, anchor_weight, offset_weight, scale_weight, anchor_bias, offse
     def test_offset_update_replaces_each_corrected_gradient_by_the_new_offset(self):
         self.assertExpectedInline(changes(self.graphs["svrg_correction"], self.graphs["offset_update"]), """\
 -def forward(self, anchor_weight, offset_weight, scale_weight, anchor_bias, offset_bias, scale_bias, batch_0, batch_1, full_grad_weight, full_grad_bias):
-+def forward(self, anchor_weight, offset_weight, scale_weight, anchor_bias, offset_bias, scale_bias, batch_0, batch_1, full_grad_weight, full_grad_bias, lr):
++def forward(self, anchor_weight, offset_weight, scale_weight, anchor_bias, offset_bias, scale_bias, batch_0, batch_1, full_grad_weight, full_grad_bias, lr, underflow_weight, underflow_bias):
 -    return (view, corrected_grad_weight, corrected_grad_bias)
 +    update_weight = halp_fx_bit_centering_offset_update(offset_weight, scale_weight, w_weight, corrected_grad_weight, None, lr, weight_decay = 0.0, momentum = 0.0, bits = 8, rounding = 'nearest')
 +    new_offset_weight = update_weight[0]
++    step_underflow_weight = update_weight[3]
++    new_underflow_weight = torch.ops.aten.add.Tensor(underflow_weight, step_underflow_weight)
 +    update_bias = halp_fx_bit_centering_offset_update(offset_bias, scale_bias, w_bias, corrected_grad_bias, None, lr, weight_decay = 0.0, momentum = 0.0, bits = 8, rounding = 'nearest')
 +    new_offset_bias = update_bias[0]
-+    return (view, new_offset_weight, new_offset_bias)""")
++    step_underflow_bias = update_bias[3]
++    new_underflow_bias = torch.ops.aten.add.Tensor(underflow_bias, step_underflow_bias)
++    return (view, new_offset_weight, new_offset_bias, new_underflow_weight, new_underflow_bias)""")
 
     def test_nonfinite_guard_adds_one_flag_output(self):
         self.assertExpectedInline(changes(self.graphs["offset_update"], self.graphs["nonfinite_guard"]), """\
--    return (view, new_offset_weight, new_offset_bias)
+-    return (view, new_offset_weight, new_offset_bias, new_underflow_weight, new_underflow_bias)
 +    moved_offset_weight = update_weight[2]
 +    moved_offset_bias = update_bias[2]
-+    all_finite = halp_fx_bit_centering_all_finite(view, moved_offset_weight, moved_offset_bias)
-+    return (view, new_offset_weight, new_offset_bias, all_finite)""")
++    all_finite = halp_fx_bit_centering_all_finite(view, moved_offset_weight, moved_offset_bias, new_underflow_weight, new_underflow_bias)
++    return (view, new_offset_weight, new_offset_bias, new_underflow_weight, new_underflow_bias, all_finite)""")
 
     def test_each_pass_docstring_shows_lines_of_its_real_after_graph(self):
         for name, graph_pass in zip(list(self.graphs)[1:], halp_fx.passes.halp_passes(8, "nearest", 0.0, 0.0)):
@@ -145,7 +149,7 @@ class TestGoldenStochasticMomentumGraph(expecttest.TestCase):
         update = [line for line in graph_code(step.graphs["offset_update"]).splitlines()
                   if "halp_fx" in line or "rounding_keys" in line or "update_" in line or "return" in line]
         self.assertExpectedInline("\n".join(update), """\
-def forward(self, anchor_weight, offset_weight, scale_weight, anchor_bias, offset_bias, scale_bias, batch_0, batch_1, full_grad_weight, full_grad_bias, lr, rounding_keys, momentum_weight, momentum_bias):
+def forward(self, anchor_weight, offset_weight, scale_weight, anchor_bias, offset_bias, scale_bias, batch_0, batch_1, full_grad_weight, full_grad_bias, lr, rounding_keys, momentum_weight, underflow_weight, momentum_bias, underflow_bias):
     w_weight = halp_fx_bit_centering_dequantize(anchor_weight, offset_weight, scale_weight)
     w_bias = halp_fx_bit_centering_dequantize(anchor_bias, offset_bias, scale_bias)
     corrected_grad_weight = halp_fx_bit_centering_svrg_corrected(t_3, t_7, full_grad_weight)
@@ -153,9 +157,11 @@ def forward(self, anchor_weight, offset_weight, scale_weight, anchor_bias, offse
     key_weight = torch.ops.aten.select.int(rounding_keys, 0, 0)
     update_weight = halp_fx_bit_centering_offset_update(offset_weight, scale_weight, w_weight, corrected_grad_weight, momentum_weight, lr, weight_decay = 0.0001, momentum = 0.9, bits = 4, rounding = 'stochastic', key = key_weight)
     new_offset_weight = update_weight[0]
+    step_underflow_weight = update_weight[3]
     new_momentum_weight = update_weight[1]
     key_bias = torch.ops.aten.select.int(rounding_keys, 0, 1)
     update_bias = halp_fx_bit_centering_offset_update(offset_bias, scale_bias, w_bias, corrected_grad_bias, momentum_bias, lr, weight_decay = 0.0001, momentum = 0.9, bits = 4, rounding = 'stochastic', key = key_bias)
     new_offset_bias = update_bias[0]
+    step_underflow_bias = update_bias[3]
     new_momentum_bias = update_bias[1]
-    return (view, new_offset_weight, new_offset_bias, new_momentum_weight, new_momentum_bias)""")
+    return (view, new_offset_weight, new_offset_bias, new_underflow_weight, new_momentum_weight, new_underflow_bias, new_momentum_bias)""")

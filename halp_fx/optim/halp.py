@@ -24,14 +24,15 @@ import torch
 from .. import arguments, bit_centering
 from ..data import full_gradient_batches, has_batch_norm
 from ..errors import NonFiniteError, SmallBatchWarning
-from ..recenter import examples_in, full_gradient, recentered, warn_if_saturated
+from ..recenter import examples_in, first_mu, full_gradient, next_mus, recentered, warn_if_saturated
 
 
 def inner_steps(groups):
     """:func:`halp_fx.bit_centering.inner_step` for every tensor of every group, as pure functions.
 
-    Returns ``(new offsets, new momentum buffers or None, new weights)`` per tensor in
-    order, and one flag: whether the loss and every offset before rounding are
+    Returns ``(new offsets, new momentum buffers or None, new weights, new underflow
+    sums or None)`` per tensor in order (underflow sums for ``mu="auto"`` groups), and
+    one flag: whether the loss, every offset before rounding and every underflow sum are
     finite. ``lr``, ``weight_decay`` and ``momentum`` are 0-d tensors so that a
     scheduler changing them does not recompile; ``bits`` and ``rounding`` are
     constants of the compiled code.
@@ -41,13 +42,17 @@ def inner_steps(groups):
         for i in range(len(group["anchors"])):
             momentum_buffer = None if group["momentum_buffers"] is None else group["momentum_buffers"][i]
             key = None if group["keys"] is None else group["keys"][group["indices"][i]]
-            new_offset, direction, moved = bit_centering.inner_step(
+            new_offset, direction, moved, underflow = bit_centering.inner_step(
                 group["anchors"][i], group["offsets"][i], group["scales"][i], group["grads"][i],
                 group["anchor_grads"][i], group["full_grads"][i], momentum_buffer, group["lr"],
                 weight_decay=group["weight_decay"], momentum=group["momentum"], bits=group["bits"],
                 rounding=group["rounding"], key=key)
             new_weight = bit_centering.dequantize(group["anchors"][i], new_offset, group["scales"][i])
-            results.append((new_offset, None if momentum_buffer is None else direction, new_weight))
+            new_underflow = None
+            if group["underflows"] is not None:
+                new_underflow = group["underflows"][i] + underflow
+                checked.append(new_underflow)
+            results.append((new_offset, None if momentum_buffer is None else direction, new_weight, new_underflow))
             checked.append(moved)
     return results, bit_centering.all_finite(*checked)
 
@@ -104,7 +109,7 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
             arguments.check_momentum(values["momentum"])
             if values.get("bits") is not None:
                 arguments.check_bits(values["bits"])
-                arguments.check_positive("mu", values["mu"])
+                arguments.check_mu(values["mu"])
             if not isinstance(values.get("biased", False), bool):
                 raise TypeError(f"biased must be True (nearest rounding) or False (stochastic rounding); "
                                 f"got {values['biased']!r}")
@@ -151,11 +156,13 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
                                      f"({float(loss):g}) or an update is NaN/Inf; no state was changed. Lower lr, "
                                      "check the batch for NaN/Inf, or pass on_nonfinite='skip'.")
             return loss
-        for p, (new_offset, new_momentum, new_weight) in zip(self._updated(groups), results):
+        for p, (new_offset, new_momentum, new_weight, new_underflow) in zip(self._updated(groups), results):
             state = self.state[p]
             state["offset"] = new_offset
             if new_momentum is not None:
                 state["momentum_buffer"] = new_momentum
+            if new_underflow is not None:
+                state["underflow"] = new_underflow
             p.copy_(new_weight)
         counters["rounding_counter"].add_(1)
         counters["steps_since_recenter"] += 1
@@ -170,14 +177,32 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
             warn_if_saturated([self.state[p]["offset"] for p in params], bits, self.saturation_warning, stacklevel=5)
         with self._buffers_kept(closure):
             full_grads, norms = self._full_gradient(params, closure)
-        centered = recentered([p.detach().clone() for p in params], full_grads, norms,
-                              [group_of[p].get("mu") for p in params], bits)
-        for p, (anchor, offset, scale), full_grad in zip(params, centered, full_grads):
+        mus = self._next_mus(params, group_of, bits)
+        centered = recentered([p.detach().clone() for p in params], full_grads, norms, mus, bits)
+        for p, (anchor, offset, scale), full_grad, mu in zip(params, centered, full_grads, mus):
             self.state[p].update(anchor=anchor, offset=offset, scale=scale, full_grad=full_grad)
+            if group_of[p].get("mu") == arguments.AUTO_MU:
+                self.state[p].update(mu=mu, underflow=torch.zeros((), device=p.device))
         counters = self._counters
         # The seed sits in the high 32 bits, as in the core: the counter alone is the rounding noise's state.
         counters.setdefault("rounding_counter", torch.tensor(self.seed << 32, dtype=torch.int64, device=params[0].device))
         counters["steps_since_recenter"] = 0
+
+    def _next_mus(self, params, group_of, bits):
+        """Each tensor's mu for this recenter: its group's, or under ``mu="auto"`` :func:`next_mu` of its own."""
+        mus = [group_of[p].get("mu") for p in params]
+        auto = [i for i, mu in enumerate(mus) if mu == arguments.AUTO_MU]
+        if not auto:
+            return mus
+        started = [i for i in auto if "mu" in self.state[params[i]]]
+        steps = self._counters.get("steps_since_recenter", 0)
+        chosen = next_mus([self.state[params[i]]["mu"] for i in started],
+                          [self.state[params[i]]["offset"] for i in started],
+                          [self.state[params[i]]["underflow"] for i in started], steps, [bits[i] for i in started])
+        chosen = dict(zip(started, chosen))
+        for i in auto:
+            mus[i] = chosen.get(i, first_mu(bits[i]))
+        return mus
 
     def _full_gradient(self, params, closure):
         first = []
@@ -253,6 +278,8 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
                 anchor_grads=[anchor_grads[p] for p in params],
                 full_grads=[s["full_grad"] for s in states],
                 momentum_buffers=[s["momentum_buffer"] for s in states] if group["momentum"] else None,
+                underflows=([s["underflow"] for s in states]
+                            if bits is not None and group.get("mu") == arguments.AUTO_MU else None),
                 keys=keys if stochastic else None,
                 indices=tuple(i for i, _ in indexed),
                 lr=torch.as_tensor(group["lr"], dtype=torch.float32, device=device),
@@ -268,8 +295,11 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
         return [p for group in groups for p in group["params"]]
 
     def stats(self):
-        """Per parameter, in the order of ``param_groups``: ``scale`` and ``saturated``, the fraction of its
-        offset entries at the integer bounds now (empty before the first step)."""
+        """Per parameter, in the order of ``param_groups``: ``mu`` (the one its last recenter used), ``scale``,
+        ``saturated`` (the fraction of its offset entries at the integer bounds now) and, in ``mu="auto"`` groups,
+        ``underflow`` (the mean over the steps since the last recenter of the fraction of entries whose step was
+        below half a grid step; ``None`` in groups with a numeric mu). Empty before the first step."""
+        steps = max(self._counters.get("steps_since_recenter", 0), 1)
         out = []
         for group in self.param_groups:
             for p in group["params"]:
@@ -278,7 +308,9 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
                     continue
                 bits = group.get("bits")
                 saturated = float(bit_centering.saturated_fractions([state["offset"]], bits)[0])
-                out.append({"scale": float(state["scale"]), "saturated": saturated})
+                underflow = float(state["underflow"]) / steps if "underflow" in state else None
+                out.append({"mu": state.get("mu", group.get("mu")), "scale": float(state["scale"]),
+                            "saturated": saturated, "underflow": underflow})
         return out
 
     # -- state -----------------------------------------------------------------------------------
@@ -400,7 +432,9 @@ class HALP(_BitCenteredOptimizer):
         weight_decay: L2 penalty on the full weight W.
         momentum: heavy-ball momentum on the corrected gradient (float32 buffer,
             kept across recenters).
-        mu: the grid's scale ``d = ||full_grad|| / (mu * (2**(bits-1) - 1))``.
+        mu: the grid's scale ``d = ||full_grad|| / (mu * (2**(bits-1) - 1))``, or ``"auto"``: each
+            parameter's mu is chosen at every recenter by :func:`halp_fx.recenter.next_mu` (kept in its state as
+            ``mu``, with the telemetry it reads, ``underflow``).
         bits: offset width, 2..32 (int8 up to 8, int16 up to 16, else int32), or
             ``None`` for full precision (then it is :class:`SVRG`).
         biased: ``True`` rounds to nearest, ``False`` (default) rounds stochastically.

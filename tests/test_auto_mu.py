@@ -1,0 +1,267 @@
+"""mu="auto": each tensor's mu is chosen at every recenter from the last epoch's saturation and underflow.
+
+The rule (halp_fx.recenter.next_mu): more than 25% of a tensor's offsets at the bounds halves its mu (a coarser
+grid); at most 5% at the bounds and more than half of its steps below half a grid step doubles it (a finer
+grid); mu stays within [0.25, 64]; the first epoch uses 1 at 8 bits, 4 at 4 bits.
+"""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import halp_fx
+from halp_fx import recenter
+from halp_fx.optim import HALP
+from models import classification_data, mlp
+
+
+def make_step(bits=8, mu="auto", data=None, **options):
+    torch.manual_seed(0)
+    data = classification_data("mlp") if data is None else data
+    options = {"loss_fn": F.cross_entropy, "data_loader": data, "lr": 0.1, "compile": False, **options}
+    return halp_fx.transform(mlp(), bits, mu=mu, **options), data
+
+
+def run_epochs(step, data, epochs):
+    for _ in range(epochs):
+        for batch in data:
+            step(*batch)
+
+
+def make_optimizer(bits=8, mu="auto", data=None, **options):
+    torch.manual_seed(0)
+    data = classification_data("mlp") if data is None else data
+    model = mlp()
+    opt = HALP(model.parameters(), lr=0.1, T=len(data), data_loader=data, mu=mu, bits=bits, compile=False, **options)
+    return model, opt, data
+
+
+def optimizer_epochs(model, opt, data, epochs):
+    for _ in range(epochs):
+        for x, y in data:
+            def closure(data=x, target=y):
+                loss = F.cross_entropy(model(data), target)
+                loss.backward()
+                return loss
+            opt.zero_grad()
+            opt.step(closure)
+
+
+# -- the rule ------------------------------------------------------------------------------------------
+
+def test_a_saturated_tensor_gets_a_coarser_grid():
+    assert recenter.next_mu(8.0, saturated=0.5, underflow=0.9) == 4.0
+
+
+def test_an_underflowing_tensor_gets_a_finer_grid():
+    assert recenter.next_mu(2.0, saturated=0.0, underflow=0.8) == 4.0
+
+
+def test_a_tensor_neither_saturated_nor_underflowing_keeps_its_mu():
+    assert recenter.next_mu(2.0, saturated=0.0, underflow=0.3) == 2.0
+    assert recenter.next_mu(2.0, saturated=0.1, underflow=0.9) == 2.0
+
+
+def test_mu_stays_within_its_bounds():
+    low, high = recenter.AUTO_MU_BOUNDS
+    assert recenter.next_mu(low, saturated=1.0, underflow=0.0) == low
+    assert recenter.next_mu(high, saturated=0.0, underflow=1.0) == high
+
+
+def test_without_steps_since_the_last_recenter_mu_stays():
+    assert recenter.next_mu(2.0, saturated=0.5, underflow=None) == 2.0
+
+
+def test_the_first_epoch_mu_is_1_at_8_bits_and_4_at_4_bits():
+    assert [recenter.first_mu(b) for b in (16, 8, 6, 4, 2)] == [1.0, 1.0, 2.0, 4.0, 8.0]
+
+
+def test_the_underflow_fraction_counts_steps_below_half_a_grid_step():
+    offset = torch.zeros(4, dtype=torch.int8)
+    moved = torch.tensor([0.2, -0.49, 0.5, -3.0])
+    assert float(halp_fx.bit_centering.underflow_fraction(offset, moved, 8)) == 0.5
+
+
+# -- transform ----------------------------------------------------------------------------------------
+
+def test_transform_starts_auto_from_the_first_epoch_default():
+    step, data = make_step(bits=4)
+    step(*data[0])
+    assert {s["mu"] for s in step.stats().values()} == {4.0}
+    assert step.scale["0.weight"] == pytest.approx(float(step.full_grad["0.weight"].norm()) / (4.0 * 7))
+
+
+def test_transform_refines_the_grid_of_a_tensor_whose_updates_underflow():
+    # A tiny lr: every step is far below half a grid step and nothing saturates.
+    step, data = make_step(lr=1e-5)
+    run_epochs(step, data, 1)
+    assert all(s["underflow"] > 0.9 for s in step.stats().values())
+    step(*data[0])  # recenters
+    assert {s["mu"] for s in step.stats().values()} == {2.0}
+
+
+def test_transform_coarsens_the_grid_of_a_saturated_tensor():
+    step, data = make_step(lr=10.0)
+    run_epochs(step, data, 1)
+    before = step.stats()
+    saturated = [n for n, s in before.items() if s["saturated"] > recenter.SATURATED_ABOVE]
+    assert saturated
+    step(*data[0])
+    after = step.stats()
+    assert all(after[n]["mu"] == before[n]["mu"] / 2 for n in saturated)
+
+
+def test_transform_stats_report_mu_saturation_and_underflow_per_tensor():
+    step, data = make_step(mu=0.5)
+    run_epochs(step, data, 1)
+    stats = step.stats()
+    assert set(stats) == set(step.anchor)
+    for s in stats.values():
+        assert s["mu"] == 0.5 and 0.0 <= s["saturated"] <= 1.0 and 0.0 <= s["underflow"] <= 1.0
+
+
+def test_transform_auto_is_deterministic():
+    runs = []
+    for _ in range(2):
+        step, data = make_step(bits=4)
+        run_epochs(step, data, 3)
+        runs.append((step.stats(), step.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    for key, value in runs[0][1].items():
+        other = runs[1][1][key]
+        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, key
+
+
+def test_transform_checkpoint_round_trip_with_auto_is_bit_exact():
+    step, data = make_step(bits=4)
+    run_epochs(step, data, 2)
+    step(*data[0])
+    saved = step.state_dict()
+    assert {k for k in saved if k.endswith(".mu")} == {f"{n}.mu" for n in step.anchor}
+    run_epochs(step, data, 2)
+    expected = step.state_dict()
+
+    resumed, _ = make_step(bits=4)
+    resumed(*data[0])
+    resumed.load_state_dict(saved)
+    run_epochs(resumed, data, 2)
+    got = resumed.state_dict()
+    assert expected.keys() == got.keys()
+    for key, value in expected.items():
+        assert torch.equal(value, got[key]) if isinstance(value, torch.Tensor) else value == got[key], key
+
+
+def test_a_numeric_mu_keeps_the_state_dict_keys():
+    step, data = make_step(mu=0.5)
+    step(*data[0])
+    assert not [k for k in step.state_dict() if k.endswith((".mu", ".underflow"))]
+
+
+def test_an_auto_checkpoint_is_refused_by_a_numeric_mu_step():
+    step, data = make_step()
+    step(*data[0])
+    numeric, _ = make_step(mu=0.5)
+    numeric(*data[0])
+    with pytest.raises(ValueError, match="saved with mu='auto'"):
+        numeric.load_state_dict(step.state_dict())
+
+
+@pytest.mark.parametrize("mu", ["Auto", -1, 0.0, float("nan"), None])
+def test_transform_refuses_other_mus_naming_the_allowed_values(mu):
+    with pytest.raises(ValueError, match="mu must be a finite number > 0 or 'auto'"):
+        make_step(mu=mu)
+
+
+def test_a_step_does_not_switch_to_auto_after_transform():
+    step, _ = make_step(mu=0.5)
+    with pytest.raises(ValueError, match="switches neither to nor from mu='auto'"):
+        step.mu = "auto"
+
+
+def test_auto_at_4_bits_does_not_collapse_where_mu_half_does():
+    # Rounding to nearest makes the collapse plain: on mu=0.5's coarse grid most updates round to no change.
+    torch.manual_seed(1)
+    x = torch.randn(400, 20)
+    y = (x @ torch.randn(20, 4)).argmax(1)
+    data = [(x[i:i + 40], y[i:i + 40]) for i in range(0, 400, 40)]
+
+    def accuracy(mu):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 4))
+        step = halp_fx.transform(model, 4, loss_fn=F.cross_entropy, data_loader=data, lr=0.5, mu=mu,
+                                 rounding="nearest", compile=False)
+        run_epochs(step, data, 8)
+        return float((step.sync_model()(x).argmax(1) == y).float().mean())
+
+    collapsed, auto = accuracy(0.5), accuracy("auto")
+    assert collapsed < 0.4
+    assert auto > 0.9
+
+
+# -- halp_fx.optim.HALP ---------------------------------------------------------------------------------
+
+def test_optimizer_refines_the_grid_of_underflowing_tensors_per_parameter():
+    model, opt, data = make_optimizer()
+    opt.param_groups[0]["lr"] = 1e-5
+    optimizer_epochs(model, opt, data, 1)
+    assert {s["mu"] for s in opt.stats()} == {1.0}
+    assert all(s["underflow"] > 0.9 for s in opt.stats())
+    optimizer_epochs(model, opt, data, 1)
+    assert {s["mu"] for s in opt.stats()} == {2.0}
+    assert all(opt.state[p]["mu"] == 2.0 for p in model.parameters())
+
+
+def test_optimizer_coarsens_the_grid_of_saturated_tensors():
+    model, opt, data = make_optimizer()
+    opt.param_groups[0]["lr"] = 10.0
+    optimizer_epochs(model, opt, data, 1)
+    before = opt.stats()
+    saturated = [i for i, s in enumerate(before) if s["saturated"] > recenter.SATURATED_ABOVE]
+    assert saturated
+    optimizer_epochs(model, opt, data, 1)
+    after = opt.stats()
+    assert all(after[i]["mu"] == before[i]["mu"] / 2 for i in saturated)
+
+
+def test_optimizer_auto_is_per_group():
+    torch.manual_seed(0)
+    data = classification_data("mlp")
+    model = mlp()
+    first, second = list(model.parameters())[:2], list(model.parameters())[2:]
+    opt = HALP([{"params": first, "mu": "auto", "bits": 4}, {"params": second, "mu": 0.5}], lr=0.1, T=len(data),
+               data_loader=data, compile=False)
+    optimizer_epochs(model, opt, data, 1)
+    stats = opt.stats()
+    assert [s["mu"] for s in stats] == [4.0, 4.0, 0.5, 0.5]
+    assert stats[0]["underflow"] is not None and stats[2]["underflow"] is None
+    assert "mu" not in opt.state[second[0]] and "underflow" not in opt.state[second[0]]
+
+
+def test_optimizer_checkpoint_round_trip_with_auto_is_bit_exact():
+    model, opt, data = make_optimizer(bits=4)
+    optimizer_epochs(model, opt, data, 2)
+    saved_model, saved_opt = {k: v.clone() for k, v in model.state_dict().items()}, opt.state_dict()
+    optimizer_epochs(model, opt, data, 2)
+    expected = [p.detach().clone() for p in model.parameters()]
+    expected_mus = [s["mu"] for s in opt.stats()]
+
+    model2, opt2, _ = make_optimizer(bits=4)
+    model2.load_state_dict(saved_model)
+    opt2.load_state_dict(saved_opt)
+    optimizer_epochs(model2, opt2, data, 2)
+    assert all(torch.equal(a, b) for a, b in zip(expected, model2.parameters()))
+    assert [s["mu"] for s in opt2.stats()] == expected_mus
+
+
+def test_optimizer_auto_matches_transform_mu_for_mu():
+    step, data = make_step(bits=4)
+    run_epochs(step, data, 3)
+    model, opt, _ = make_optimizer(bits=4, data=data)
+    optimizer_epochs(model, opt, data, 3)
+    assert [s["mu"] for s in step.stats().values()] == [s["mu"] for s in opt.stats()]
+
+
+@pytest.mark.parametrize("mu", ["Auto", -1])
+def test_optimizer_refuses_other_mus_naming_the_allowed_values(mu):
+    with pytest.raises(ValueError, match="mu must be a finite number > 0 or 'auto'"):
+        make_optimizer(mu=mu)
