@@ -43,6 +43,10 @@ class Method:
     full_gradient_pass = None
     forward_backward_pass = None
 
+    def details(self):
+        """Extra facts recorded beside the timings (a dict of strings)."""
+        return {}
+
     def state_tensors(self):
         raise NotImplementedError
 
@@ -148,11 +152,19 @@ class TorchhalpEager(Method):
 class Transformed(Method):
     """``halp_fx.transform``: the captured step rewritten by the HALP passes, compiled with Inductor."""
     bits = 8
+    arithmetic = "fp32"
 
     def start(self):
+        extra = {} if self.arithmetic == "fp32" else {"arithmetic": self.arithmetic}
         self.halp_step = halp_fx.transform(self.model, bits=self.bits, loss_fn=loss_fn, data_loader=self.batches,
-                                           lr=LR, mu=MU, compile=self.compile)
+                                           lr=LR, mu=MU, compile=self.compile, **extra)
         self.step(0)
+
+    def details(self):
+        """What the passes did that a reader of the timings needs (the int8 pass: which products ran int8)."""
+        entry = getattr(getattr(self.halp_step, "programs", None), "first", None)
+        summary = getattr(entry, "summaries", {}).get("centered_int8")
+        return {} if summary is None else {"centered_int8": summary}
 
     def step(self, i):
         before = self.halp_step.recenters
@@ -185,6 +197,15 @@ class CompiledHALP4(Transformed):
     name = "compiled_halp4"
     description = "halp_fx.transform(bits=4), stochastic rounding"
     bits = 4
+
+
+class CompiledHALP8Int8(Transformed):
+    name = "compiled_halp8_int8"
+    description = ("halp_fx.transform(bits=8, arithmetic='int8'): each product at W as the anchor's product plus "
+                   "int8 products of the differences, where int8 pays on the device (HALP_FX_INT8_PRODUCTS=always "
+                   "forces int8)")
+    bits = 8
+    arithmetic = "int8"
 
 
 class OptimHALP(Method):
@@ -228,7 +249,7 @@ def optim_halp_available():
 
 
 METHODS = {m.name: m for m in (EagerSGD, CompiledSGD, TorchhalpEager, CompiledSVRG, CompiledHALP8, CompiledHALP4,
-                               OptimHALP)}
+                               CompiledHALP8Int8, OptimHALP)}
 
 
 def _compile(gm, example):

@@ -27,6 +27,26 @@ def wide_mlp():
                          nn.ReLU(), nn.Linear(2048, CLASSES))
 
 
+def mlp1024():
+    """784-1024-1024-10 (1.86M parameters, batch 128 in the int8 benchmark): the matrix products dominate."""
+    return nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, CLASSES))
+
+
+class TransformerClassifier(nn.Module):
+    """One ``nn.TransformerEncoderLayer(d_model=512, nhead=8, dim_feedforward=2048, batch_first=True)`` over 64
+    tokens given as float embeddings ``(batch, 64, 512)``, then a linear head on the mean over tokens. Dropout is
+    0: a step at W and its twin at the anchor must see the same function of the weights (3.2M parameters)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.TransformerEncoderLayer(d_model=512, nhead=8, dim_feedforward=2048, dropout=0.0,
+                                                  batch_first=True)
+        self.head = nn.Linear(512, CLASSES)
+
+    def forward(self, x):
+        return self.head(self.encoder(x).mean(dim=1))
+
+
 class CNN(nn.Module):
     """Two 3x3 convolutions with BatchNorm on 8x8 single-channel images (sklearn-digits sized)."""
 
@@ -78,6 +98,8 @@ MODELS = {
     "cnn": (CNN, (1, 8, 8)),
     "lenet5": (LeNet5, (1, 28, 28)),
     "lstm": (LSTMClassifier, (20, 16)),
+    "mlp1024": (mlp1024, (784,)),
+    "transformer": (TransformerClassifier, (64, 512)),
 }
 
 

@@ -36,9 +36,14 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 ALL_MODELS = ["logreg", "mlp", "cnn", "lenet5", "lstm"]
-EXTRA_MODELS = ["mlp10m"]  # benchmarks/resident_memory.py's model; too slow for the default set
+# benchmarks/resident_memory.py's model, and the two where matrix products dominate (issue 12's int8 arithmetic:
+# mlp1024 = 784-1024-1024-10, transformer = one TransformerEncoderLayer(512, 8 heads, 2048) on 64 tokens), all
+# too slow for the default set.
+EXTRA_MODELS = ["mlp10m", "mlp1024", "transformer"]
 ALL_METHODS = ["eager_sgd", "compiled_sgd", "torchhalp_eager", "compiled_svrg", "compiled_halp8", "compiled_halp4",
-               "optim_halp"]
+               "compiled_halp8_int8", "optim_halp"]
+# The CPU features that decide whether int8 products pay (compiled_halp8_int8); recorded beside every table.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 WORKER_MARK = "BENCHMARK_WORKER_RESULT "
 
 
@@ -112,11 +117,23 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
+def cpu_flags():
+    """The flags of ``CPU_FLAGS`` that /proc/cpuinfo lists (empty where there is no /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return []
+    return [flag for flag in CPU_FLAGS if flag in flags]
+
+
 def machine_info(torch, args):
     import halp_fx
     info = {
         "torch": torch.__version__, "python": platform.python_version(), "halp_fx": halp_fx.__version__,
-        "cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "device": args.device,
+        "cpu": cpu_model(), "cpu_flags": cpu_flags(), "cpu_capability": cpu_capability(torch),
+        "int8_products_env": os.environ.get("HALP_FX_INT8_PRODUCTS", ""),
+        "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "device": args.device,
         "platform": platform.platform(), "inductor": not args.no_inductor,
         "load_average_at_start": os.getloadavg(),
     }
@@ -128,6 +145,13 @@ def machine_info(torch, args):
     except (OSError, subprocess.SubprocessError):
         pass
     return info
+
+
+def cpu_capability(torch):
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def make_sync(torch, device):
@@ -161,6 +185,7 @@ def run_group(torch, args, model_name, batch_size, methods):
             print(f"  {name}: FAILED {record['error']}", flush=True)
             continue
         record.update(memory_figures(method, n_params))
+        record.update(method.details())
         built[name] = method
         print(f"  {name}: first call in process {record['first_call_in_process_s']:.2f} s", flush=True)
 
@@ -267,6 +292,11 @@ RATIOS = [
     ("optim_halp_over_halp8_inner", "optim_halp", "compiled_halp8", "inner_step_s"),
     ("halp8_over_svrg_epoch", "compiled_halp8", "compiled_svrg", "epoch_s"),
     ("halp8_over_compiled_sgd_epoch", "compiled_halp8", "compiled_sgd", "epoch_s"),
+    ("halp8_int8_over_svrg_inner", "compiled_halp8_int8", "compiled_svrg", "inner_step_s"),
+    ("halp8_int8_over_compiled_sgd_inner", "compiled_halp8_int8", "compiled_sgd", "inner_step_s"),
+    ("halp8_int8_over_halp8_inner", "compiled_halp8_int8", "compiled_halp8", "inner_step_s"),
+    ("halp8_int8_over_svrg_epoch", "compiled_halp8_int8", "compiled_svrg", "epoch_s"),
+    ("halp8_int8_over_halp8_epoch", "compiled_halp8_int8", "compiled_halp8", "epoch_s"),
 ]
 
 
@@ -382,6 +412,15 @@ TARGETS = [
      {("mlp", 32), ("cnn", 32)}),
     ("full-gradient pass <= 1.1x compiled forward+backward", "compiled_halp8_full_grad_over_compiled_fwd_bwd", 1.1,
      "max", None),
+    # Issue 12 (int8 arithmetic). The first three are for CPUs with AVX512-VNNI or AMX (and GPUs); the last is for
+    # every CPU, where products that do not pay fall back to float32.
+    ("int8 HALP inner step <= 0.75x compiled SVRG (VNNI/AMX target)", "halp8_int8_over_svrg_inner", 0.75, "max",
+     {("mlp1024", 128), ("transformer", 128)}),
+    ("int8 HALP inner step <= 1.5x compiled SGD (VNNI/AMX target)", "halp8_int8_over_compiled_sgd_inner", 1.5, "max",
+     {("mlp1024", 128), ("transformer", 128)}),
+    ("int8 HALP epoch < compiled SVRG epoch (VNNI/AMX target)", "halp8_int8_over_svrg_epoch", 1.0, "max",
+     {("mlp1024", 128), ("transformer", 128)}),
+    ("int8 HALP inner step <= 1.05x fp32 HALP (every CPU)", "halp8_int8_over_halp8_inner", 1.05, "max", None),
 ]
 
 
@@ -426,18 +465,18 @@ def rss_growth(worker_result):
 
 
 def print_table(results, targets):
-    header = (f"{'model':8s} {'batch':>5s} {'method':16s} {'inner ms':>9s} {'epoch ms':>9s} {'fullgrad ms':>11s} "
+    header = (f"{'model':8s} {'batch':>5s} {'method':19s} {'inner ms':>9s} {'epoch ms':>9s} {'fullgrad ms':>11s} "
               f"{'1st call s':>10s} {'cold s':>8s} {'warm s':>8s} {'B/param':>8s} {'peak MiB':>8s} {'+MiB':>7s} "
               f"{'kept MiB':>8s} {'kept B/param':>12s}")
     print("\n" + header + "\n" + "-" * len(header))
     for g in results:
         for name, m in g["methods"].items():
             if "error" in m:
-                print(f"{g['model']:8s} {g['batch_size']:5d} {name:16s} FAILED: {m['error'][:80]}")
+                print(f"{g['model']:8s} {g['batch_size']:5d} {name:19s} FAILED: {m['error'][:80]}")
                 continue
             cold, warm = m.get("first_call_cold", {}), m.get("first_call_warm", {})
             noisy = "~" if m.get("inner_step_spread", 1.0) > NOISY_SPREAD else " "
-            print(f"{g['model']:8s} {g['batch_size']:5d} {name:16s}{noisy}{fmt(m.get('inner_step_s'), 1e3, 3):>8s} "
+            print(f"{g['model']:8s} {g['batch_size']:5d} {name:19s}{noisy}{fmt(m.get('inner_step_s'), 1e3, 3):>8s} "
                   f"{fmt(m.get('epoch_s'), 1e3, 1):>9s} {fmt(m.get('full_grad_pass_s'), 1e3, 2):>11s} "
                   f"{fmt(m.get('first_call_in_process_s'), 1, 3):>10s} {fmt(cold.get('first_call_s'), 1, 3):>8s} "
                   f"{fmt(warm.get('first_call_s'), 1, 3):>8s} {fmt(m.get('state_bytes_per_param'), 1, 3):>8s} "
@@ -445,8 +484,11 @@ def print_table(results, targets):
                   f"{fmt(warm.get('retained_rss_mib'), 1, 1):>8s} "
                   f"{fmt(warm.get('retained_rss_bytes_per_param'), 1, 1):>12s}")
         if "compiled_fwd_bwd_pass_s" in g:
-            print(f"{g['model']:8s} {g['batch_size']:5d} {'(compiled fwd+bwd pass)':33s} "
+            print(f"{g['model']:8s} {g['batch_size']:5d} {'(compiled fwd+bwd pass)':36s} "
                   f"{fmt(g['compiled_fwd_bwd_pass_s'], 1e3, 2):>11s}")
+        for name, m in g["methods"].items():
+            if "centered_int8" in m:
+                print(f"{'':15s}{name}: {m['centered_int8']}")
         for label, value in g["ratios"].items():
             print(f"{'':15s}{label} = {value:.2f}")
     print(f"~: the slowest round's inner step was over {NOISY_SPREAD}x the fastest's; the machine was busy")
@@ -475,6 +517,17 @@ def markdown(report):
         if "compiled_fwd_bwd_pass_s" in g:
             lines.append(f"| {g['model']} | {g['batch_size']} | *compiled fwd+bwd pass* | | "
                          f"| {fmt(g['compiled_fwd_bwd_pass_s'], 1e3, 2)} | | | |")
+    meta = report.get("meta", {})
+    if meta:
+        machine = meta.get("gpu") or meta.get("cpu", "?")
+        flags = " ".join(meta.get("cpu_flags") or []) or "not read"
+        env = meta.get("int8_products_env")
+        lines += ["", f"{machine}; CPU flags: {flags}; torch {meta.get('torch', '?')}; {meta.get('threads', '?')} "
+                      f"thread(s); device {meta.get('device', '?')}; inductor {'on' if meta.get('inductor') else 'off'}"
+                      + (f"; HALP_FX_INT8_PRODUCTS={env}" if env else "")]
+    int8 = [(g["model"], g["batch_size"], m["centered_int8"]) for g in report["results"]
+            for m in g["methods"].values() if "centered_int8" in m]
+    lines += [f"- compiled_halp8_int8, {model} batch {batch}: {summary.splitlines()[0]}" for model, batch, summary in int8]
     return "\n".join(lines) + "\n"
 
 
@@ -495,8 +548,10 @@ def main(argv=None):
     if "optim_halp" in methods and (why := optim_halp_available()) is not None:
         skipped["optim_halp"] = f"from halp_fx.optim import HALP failed: {why}"
         methods.remove("optim_halp")
-    print(f"torch {meta['torch']}, {meta['cpu']}, {meta['threads']} threads, device {args.device}, "
-          f"inductor {'on' if meta['inductor'] else 'OFF'}; load average {meta['load_average_at_start']}", flush=True)
+    print(f"torch {meta['torch']}, {meta['cpu']} ({' '.join(meta['cpu_flags']) or 'no flags read'}; "
+          f"ATen {meta['cpu_capability']}), {meta['threads']} threads, device {args.device}, "
+          f"inductor {'on' if meta['inductor'] else 'OFF'}; load average {meta['load_average_at_start']}"
+          + (f"; HALP_FX_INT8_PRODUCTS={meta['int8_products_env']}" if meta["int8_products_env"] else ""), flush=True)
     results = []
     for model_name in args.models:
         for batch_size in args.batch_sizes:

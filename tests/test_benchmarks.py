@@ -13,8 +13,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ["eager_sgd", "compiled_sgd", "torchhalp_eager", "compiled_svrg", "compiled_halp8", "compiled_halp4",
-           "optim_halp"]
-HALP_LIKE = ["torchhalp_eager", "compiled_svrg", "compiled_halp8", "compiled_halp4", "optim_halp"]
+           "compiled_halp8_int8", "optim_halp"]
+HALP_LIKE = ["torchhalp_eager", "compiled_svrg", "compiled_halp8", "compiled_halp4", "compiled_halp8_int8", "optim_halp"]
 IN_SUBPROCESS = ["torchhalp_eager", "compiled_halp8"]  # each subprocess costs a torch import
 
 
@@ -52,6 +52,33 @@ def test_every_method_ran_or_says_why_not(report):
     methods = report["results"][0]["methods"]
     for name in ran(report):
         assert "error" not in methods[name], methods[name]["error"]
+
+
+def test_int8_method_runs_or_says_why(report):
+    """compiled_halp8_int8 is in the report: timed, with the int8 pass's account of every product (int8 or float32,
+    and why), or failed with the reason recorded."""
+    report, stdout = report
+    m = report["results"][0]["methods"]["compiled_halp8_int8"]
+    assert "compiled_halp8_int8" in stdout
+    if "error" in m:
+        assert m["error"].strip()
+        return
+    assert m["inner_step_s"] > 0 and m["centered_int8"].strip()
+    first_line = m["centered_int8"].splitlines()[0]
+    assert "matrix products at W" in first_line
+    if not first_line.endswith("; 0 stayed float32"):
+        assert "float32 (" in m["centered_int8"], "products that stayed float32 must say why"
+    assert report["results"][0]["ratios"]["halp8_int8_over_halp8_inner"] > 0
+    assert {"cpu_flags", "int8_products_env"} <= set(report["meta"])
+
+
+def test_markdown_table_names_the_cpu_flags(report, tmp_path):
+    out = tmp_path / "report.json"
+    out.write_text(json.dumps(report[0]))
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--markdown-from", str(out)],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| compiled_halp8_int8 |" in done.stdout and "CPU flags:" in done.stdout
 
 
 def test_every_method_has_positive_timings(report):
