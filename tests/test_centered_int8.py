@@ -1,5 +1,4 @@
 """Centered int8 arithmetic (``transform(..., arithmetic="int8")``): exact where it must be, close where it may not."""
-import copy
 import os
 import re
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import halp_fx
-from models import MODELS, classification_data, mlp
+from models import classification_data, mlp
 
 
 def make_step(**options):

@@ -7,7 +7,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import halp_fx
-from halp_fx import bit_centering
 from models import MODELS, SmallCNN, classification_data, mlp
 
 
