@@ -23,7 +23,8 @@ from pydoc_data.topics import topics
 from tqdm import tqdm
 
 import halp_fx
-from common import LowPrecisionSGD, optimizer_step, plot_curves, print_table, show_halp_fx_log, write_csv
+from common import (LowPrecisionSGD, mu_label, mu_value, optimizer_step, plot_curves, print_table, show_halp_fx_log,
+                    write_csv)
 
 
 def parse_args(argv=None):
@@ -37,13 +38,14 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=int, default=6, help="passes over the training text (default: 6)")
     parser.add_argument("--lr", type=float, default=4.0, help="step size of every method (default: 4)")
     parser.add_argument("--T", type=int, default=None, help="steps between recenters (default: one epoch)")
-    parser.add_argument("--mu", type=float, default=1.0, help="mu of HALP (default: 1, chosen by --sweep-mu)")
+    parser.add_argument("--mu", type=mu_value, default=1.0,
+                        help="mu of HALP, a number or 'auto' (default: 1, chosen by --sweep-mu; auto: +7%% perplexity)")
     parser.add_argument("--bits", type=int, default=8, help="bits of LP-SGD weights and HALP offsets (default: 8)")
     parser.add_argument("--lp-range-factor", type=float, default=4.0,
                         help="LP-SGD's fixed grid of each tensor covers this many times its largest initial "
                              "magnitude (default: 4)")
     parser.add_argument("--sweep-mu", type=str, default=None,
-                        help="comma-separated mu values: run only HALP, once per mu, and write mu_sweep.csv")
+                        help="comma-separated mu values ('auto' among them): run only HALP, once per mu, and write mu_sweep.csv")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch order (default: 0)")
     parser.add_argument("--out", type=str, default="results/char_lstm", help="output directory")
@@ -130,10 +132,10 @@ def main(argv=None):
 
     if args.sweep_mu:
         sweep = []
-        for mu in [float(m) for m in args.sweep_mu.split(",")]:
-            _, summary = train(f"HALP mu={mu:g}", halp(args.bits, mu), len(vocabulary), train_batches, val_batches,
+        for mu in [mu_value(m) for m in args.sweep_mu.split(",")]:
+            _, summary = train(f"HALP mu={mu_label(mu)}", halp(args.bits, mu), len(vocabulary), train_batches, val_batches,
                                args)
-            sweep.append({"mu": mu, "val_perplexity": summary["val_perplexity"],
+            sweep.append({"mu": mu_label(mu), "val_perplexity": summary["val_perplexity"],
                           "train_perplexity": summary["train_perplexity"]})
         print_table(sweep)
         print("wrote", write_csv(os.path.join(args.out, "mu_sweep.csv"), sweep))
@@ -151,7 +153,7 @@ def main(argv=None):
     write_csv(os.path.join(args.out, "curves.csv"), curves)
     plot_curves(os.path.join(args.out, "curves.png"), curves, "epoch",
                 [("train_perplexity", "training perplexity", True), ("val_perplexity", "held-out perplexity", True)],
-                f"char LSTM ({args.hidden} units), windows of {args.seq_len}, lr={args.lr}, mu={args.mu:g}")
+                f"char LSTM ({args.hidden} units), windows of {args.seq_len}, lr={args.lr}, mu={mu_label(args.mu)}")
     print(f"wrote {args.out}/curves.png, curves.csv and summary.csv")
     return table
 

@@ -20,6 +20,15 @@ import halp_fx  # noqa: E402
 from halp_fx import bit_centering  # noqa: E402
 
 
+def mu_value(text):
+    """``--mu``'s type: ``"auto"`` (halp_fx chooses each tensor's mu at every recenter) or a number."""
+    return text if text == "auto" else float(text)
+
+
+def mu_label(mu):
+    return mu if isinstance(mu, str) else f"{mu:g}"
+
+
 def show_halp_fx_log():
     """Print halp_fx's INFO lines (the start and the end of each Inductor compile, which can take minutes) on
     stderr, so a run with ``--compile`` does not look stuck; other libraries stay at their default level."""
@@ -136,15 +145,21 @@ def saturated_fraction(step):
     return at_bounds / sum(z.numel() for z in step.offset.values())
 
 
+def final_mus(step):
+    """The distinct mus the step's tensors ended with, e.g. ``"2/4/8"`` (one value with a numeric mu)."""
+    return "/".join(f"{mu:g}" for mu in sorted({s["mu"] for s in step.stats().values()}))
+
+
 def sweep_mu(args, halp, run):
     """HALP at 8 and 4 bits once per mu of ``args.sweep_mu``; ``run(name, make_step)`` trains and returns
     (summary row, step). Prints the table, writes ``mu_sweep.csv`` and returns its rows."""
     sweep = []
     for bits in (8, 4):
-        for mu in [float(m) for m in args.sweep_mu.split(",")]:
-            summary, step = run(f"HALP {bits}-bit mu={mu:g}", halp(bits, mu))
-            sweep.append({"bits": bits, "mu": mu, "test_accuracy": summary["test_accuracy"],
-                          "train_loss": summary["train_loss"], "saturated": saturated_fraction(step)})
+        for mu in [mu_value(m) for m in args.sweep_mu.split(",")]:
+            summary, step = run(f"HALP {bits}-bit mu={mu_label(mu)}", halp(bits, mu))
+            sweep.append({"bits": bits, "mu": mu_label(mu), "test_accuracy": summary["test_accuracy"],
+                          "train_loss": summary["train_loss"], "saturated": saturated_fraction(step),
+                          "final_mus": final_mus(step)})
     print_table(sweep)
     print("wrote", write_csv(os.path.join(args.out, "mu_sweep.csv"), sweep))
     return sweep

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from common import compare_classifiers, show_halp_fx_log
+from common import compare_classifiers, mu_label, mu_value, show_halp_fx_log
 
 
 def parse_args(argv=None):
@@ -30,13 +30,15 @@ def parse_args(argv=None):
                         help="training examples, a multiple of the batch size (default: 1350; the rest is test)")
     parser.add_argument("--lr", type=float, default=0.1, help="step size of every method (default: 0.1)")
     parser.add_argument("--T", type=int, default=None, help="steps between recenters (default: one epoch)")
-    parser.add_argument("--mu", type=float, default=2.0, help="mu of HALP 8-bit (default: 2, see --sweep-mu)")
-    parser.add_argument("--mu4", type=float, default=8.0, help="mu of HALP 4-bit (default: 8, see --sweep-mu)")
+    parser.add_argument("--mu", type=mu_value, default="auto",
+                        help="mu of HALP 8-bit, a number or 'auto' (default: auto; see --sweep-mu)")
+    parser.add_argument("--mu4", type=mu_value, default=8.0,
+                        help="mu of HALP 4-bit, a number or 'auto' (default: 8; auto missed by 1.3 points)")
     parser.add_argument("--lp-range-factor", type=float, default=4.0,
                         help="LP-SGD's fixed grid of each tensor covers this many times its largest initial "
                              "magnitude (default: 4)")
     parser.add_argument("--sweep-mu", type=str, default=None,
-                        help="comma-separated mu values: run only HALP 8- and 4-bit, once per mu, write mu_sweep.csv")
+                        help="comma-separated mu values ('auto' among them): run only HALP 8- and 4-bit, once per mu, write mu_sweep.csv")
     parser.add_argument("--compile", action="store_true",
                         help="compile the HALP/SVRG graphs with Inductor (slower overall for a model this small)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1, the model is tiny)")
@@ -95,7 +97,7 @@ def main(argv=None):
 
     return compare_classifiers(
         "digits", args, SmallCNN, train_data, test_data, evaluate,
-        f"digits CNN, batch {args.batch_size}, lr={args.lr}, mu={args.mu:g} (8-bit), {args.mu4:g} (4-bit)",
+        f"digits CNN, batch {args.batch_size}, lr={args.lr}, mu={mu_label(args.mu)} (8-bit), {mu_label(args.mu4)} (4-bit)",
         after=dump_halp8)
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import compare_classifiers, show_halp_fx_log
+from common import compare_classifiers, mu_label, mu_value, show_halp_fx_log
 
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -35,13 +35,15 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=100, help="batch size (default: 100)")
     parser.add_argument("--lr", type=float, default=0.1, help="step size of every method (default: 0.1)")
     parser.add_argument("--T", type=int, default=None, help="steps between recenters (default: one epoch)")
-    parser.add_argument("--mu", type=float, default=1.0, help="mu of HALP 8-bit (default: 1, see --sweep-mu)")
-    parser.add_argument("--mu4", type=float, default=8.0, help="mu of HALP 4-bit (default: 8, see --sweep-mu)")
+    parser.add_argument("--mu", type=mu_value, default="auto",
+                        help="mu of HALP 8-bit, a number or 'auto' (default: auto; see --sweep-mu)")
+    parser.add_argument("--mu4", type=mu_value, default=8.0,
+                        help="mu of HALP 4-bit, a number or 'auto' (default: 8; auto missed by 0.5 points)")
     parser.add_argument("--lp-range-factor", type=float, default=4.0,
                         help="LP-SGD's fixed grid of each tensor covers this many times its largest initial "
                              "magnitude (default: 4)")
     parser.add_argument("--sweep-mu", type=str, default=None,
-                        help="comma-separated mu values: run only HALP 8- and 4-bit, once per mu, write mu_sweep.csv")
+                        help="comma-separated mu values ('auto' among them): run only HALP 8- and 4-bit, once per mu, write mu_sweep.csv")
     parser.add_argument("--compile", action="store_true", help="compile the HALP/SVRG graphs with Inductor")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subset, weights and batch order")
@@ -114,7 +116,7 @@ def main(argv=None):
     return compare_classifiers(
         "fashion-mnist", args, LeNet5, train_data, test_data, evaluate,
         f"LeNet-5 on Fashion-MNIST ({len(train_data[1])} train), batch {args.batch_size}, lr={args.lr}, "
-        f"mu={args.mu:g} / {args.mu4:g}")
+        f"mu={mu_label(args.mu)} / {mu_label(args.mu4)}")
 
 
 if __name__ == "__main__":

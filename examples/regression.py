@@ -20,7 +20,8 @@ from sklearn.datasets import make_regression
 from tqdm import tqdm
 
 import halp_fx
-from common import LowPrecisionSGD, optimizer_step, plot_curves, print_table, show_halp_fx_log, write_csv
+from common import (LowPrecisionSGD, mu_label, mu_value, optimizer_step, plot_curves, print_table, show_halp_fx_log,
+                    write_csv)
 
 
 def parse_args(argv=None):
@@ -32,12 +33,13 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=int, default=30, help="passes over the data (default: 30)")
     parser.add_argument("--lr", type=float, default=0.01, help="step size of every method (default: 0.01)")
     parser.add_argument("--T", type=int, default=None, help="steps between recenters (default: one epoch)")
-    parser.add_argument("--mu", type=float, default=1.0, help="HALP's mu (default: 1, chosen by --sweep-mu)")
+    parser.add_argument("--mu", type=mu_value, default="auto",
+                        help="HALP's mu, a number or 'auto' (default: auto; --sweep-mu compares)")
     parser.add_argument("--bits", type=int, default=8, help="bits of LP-SGD weights and HALP offsets (default: 8)")
     parser.add_argument("--lp-range", type=float, default=64.0,
                         help="LP-SGD's fixed grid covers [-r, r]; the optimum's largest entry is 46 (default: 64)")
     parser.add_argument("--sweep-mu", type=str, default=None,
-                        help="comma-separated mu values: run only HALP, once per mu, and write mu_sweep.csv")
+                        help="comma-separated mu values ('auto' among them): run only HALP, once per mu, and write mu_sweep.csv")
     parser.add_argument("--compile", action="store_true", help="compile the HALP/SVRG graphs with Inductor")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1, the model is tiny)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data order (default: 0)")
@@ -100,10 +102,10 @@ def main(argv=None):
 
     if args.sweep_mu:
         sweep = []
-        for mu in [float(m) for m in args.sweep_mu.split(",")]:
-            rows, _ = train(f"HALP mu={mu:g}", lambda: halp_step(args.bits, mu), batches, w_opt, args)
+        for mu in [mu_value(m) for m in args.sweep_mu.split(",")]:
+            rows, _ = train(f"HALP mu={mu_label(mu)}", lambda: halp_step(args.bits, mu), batches, w_opt, args)
             reached = next((r["iteration"] for r in rows if r["distance"] < 1e-3), "")
-            sweep.append({"mu": mu, "final_distance": rows[-1]["distance"], "iterations_to_1e-3": reached})
+            sweep.append({"mu": mu_label(mu), "final_distance": rows[-1]["distance"], "iterations_to_1e-3": reached})
         print_table(sweep)
         print("wrote", write_csv(os.path.join(args.out, "mu_sweep.csv"), sweep))
         return sweep
@@ -121,7 +123,7 @@ def main(argv=None):
     write_csv(os.path.join(args.out, "curves.csv"), curves)
     plot_curves(os.path.join(args.out, "distance.png"), curves, "iteration",
                 [("distance", "distance to the optimum", True)],
-                f"least squares, {args.samples} samples, batch 1, lr={args.lr}, T={T}, mu={args.mu:g}")
+                f"least squares, {args.samples} samples, batch 1, lr={args.lr}, T={T}, mu={mu_label(args.mu)}")
     print(f"wrote {args.out}/distance.png, curves.csv and summary.csv")
     return table
 

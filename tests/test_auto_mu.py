@@ -1,9 +1,11 @@
 """mu="auto": each tensor's mu is chosen at every recenter from the last epoch's saturation and underflow.
 
 The rule (halp_fx.recenter.next_mu): more than 25% of a tensor's offsets at the bounds halves its mu (a coarser
-grid); at most 5% at the bounds and more than half of its steps below half a grid step doubles it (a finer
+grid); at most 5% at the bounds and more than 90% of its steps below half a grid step doubles it (a finer
 grid); mu stays within [0.25, 64]; the first epoch uses 1 at 8 bits, 4 at 4 bits.
 """
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -54,12 +56,12 @@ def test_a_saturated_tensor_gets_a_coarser_grid():
 
 
 def test_an_underflowing_tensor_gets_a_finer_grid():
-    assert recenter.next_mu(2.0, saturated=0.0, underflow=0.8) == 4.0
+    assert recenter.next_mu(2.0, saturated=0.0, underflow=0.95) == 4.0
 
 
 def test_a_tensor_neither_saturated_nor_underflowing_keeps_its_mu():
-    assert recenter.next_mu(2.0, saturated=0.0, underflow=0.3) == 2.0
-    assert recenter.next_mu(2.0, saturated=0.1, underflow=0.9) == 2.0
+    assert recenter.next_mu(2.0, saturated=0.0, underflow=0.8) == 2.0
+    assert recenter.next_mu(2.0, saturated=0.1, underflow=0.95) == 2.0
 
 
 def test_mu_stays_within_its_bounds():
@@ -240,7 +242,8 @@ def test_optimizer_auto_is_per_group():
 def test_optimizer_checkpoint_round_trip_with_auto_is_bit_exact():
     model, opt, data = make_optimizer(bits=4)
     optimizer_epochs(model, opt, data, 2)
-    saved_model, saved_opt = {k: v.clone() for k, v in model.state_dict().items()}, opt.state_dict()
+    # A deep copy, as a checkpoint on disk is: torch.optim's state_dict() holds references to the live state.
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     optimizer_epochs(model, opt, data, 2)
     expected = [p.detach().clone() for p in model.parameters()]
     expected_mus = [s["mu"] for s in opt.stats()]
