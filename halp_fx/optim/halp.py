@@ -164,7 +164,8 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
             if new_underflow is not None:
                 state["underflow"] = new_underflow
             p.copy_(new_weight)
-        counters["rounding_counter"].add_(1)
+        # A new tensor, not an in-place add: a state_dict() taken earlier keeps the counter it had.
+        counters["rounding_counter"] = counters["rounding_counter"] + 1
         counters["steps_since_recenter"] += 1
         return loss
 
