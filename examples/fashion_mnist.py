@@ -44,6 +44,9 @@ def parse_args(argv=None):
                              "magnitude (default: 4)")
     parser.add_argument("--sweep-mu", type=str, default=None,
                         help="comma-separated mu values ('auto' among them): run only HALP 8- and 4-bit, once per mu, write mu_sweep.csv")
+    parser.add_argument("--int8", action="store_true",
+                        help="also run HALP 8-bit with arithmetic='int8' (set HALP_FX_INT8_PRODUCTS=always on a CPU "
+                             "without VNNI/AMX, where its products otherwise stay float32)")
     parser.add_argument("--compile", action="store_true", help="compile the HALP/SVRG graphs with Inductor")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subset, weights and batch order")
