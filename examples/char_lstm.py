@@ -46,6 +46,9 @@ def parse_args(argv=None):
                              "magnitude (default: 4)")
     parser.add_argument("--sweep-mu", type=str, default=None,
                         help="comma-separated mu values ('auto' among them): run only HALP, once per mu, and write mu_sweep.csv")
+    parser.add_argument("--int8", action="store_true",
+                        help="also run HALP with arithmetic='int8' (set HALP_FX_INT8_PRODUCTS=always on a CPU "
+                             "without VNNI/AMX, where its products otherwise stay float32)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch order (default: 0)")
     parser.add_argument("--out", type=str, default="results/char_lstm", help="output directory")
@@ -119,9 +122,9 @@ def main(argv=None):
     print(f"pydoc topics: {len(text)} characters, vocabulary {len(vocabulary)}; {len(train_batches)} training and "
           f"{len(val_batches)} held-out batches of {args.batch_size} x {args.seq_len}")
 
-    def halp(bits, mu=args.mu):
+    def halp(bits, mu=args.mu, arithmetic="fp32"):
         return lambda model: halp_fx.transform(model, bits, loss_fn=next_char_loss, data_loader=train_batches,
-                                               lr=args.lr, T=args.T, mu=mu, compile=False)
+                                               lr=args.lr, T=args.T, mu=mu, compile=False, arithmetic=arithmetic)
 
     def sgd(model):
         return optimizer_step(model, torch.optim.SGD(model.parameters(), lr=args.lr), next_char_loss)
@@ -143,6 +146,8 @@ def main(argv=None):
 
     methods = [("SGD", sgd), (f"LP-SGD {args.bits}-bit", lp_sgd), ("SVRG", halp(None)),
                (f"HALP {args.bits}-bit", halp(args.bits))]
+    if args.int8:
+        methods.append((f"HALP {args.bits}-bit int8", halp(args.bits, arithmetic="int8")))
     curves, table = [], []
     for name, make_step in methods:
         rows, summary = train(name, make_step, len(vocabulary), train_batches, val_batches, args)
