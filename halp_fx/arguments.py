@@ -65,6 +65,12 @@ def check_seed(seed):
     return int(seed)
 
 
+def check_saturation_warning(saturation_warning):
+    if not _is_real(saturation_warning) or not 0 < saturation_warning <= 1:
+        raise ValueError(f"saturation_warning must be a fraction in (0, 1]; got {saturation_warning!r}")
+    return float(saturation_warning)
+
+
 def check_compile(compile):
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be True or False; got {compile!r}")
@@ -171,15 +177,13 @@ def _describe(batch):
 def check_transform_arguments(bits, lr, mu, T, momentum, weight_decay, rounding, on_nonfinite, data_loader, seed,
                               saturation_warning, loss_fn, compile, arithmetic="fp32"):
     """Every argument of ``transform`` but the model, checked, as a dict of their normalized values."""
-    if not isinstance(saturation_warning, (int, float)) or not 0 < saturation_warning <= 1:
-        raise ValueError(f"saturation_warning must be a fraction in (0, 1]; got {saturation_warning!r}")
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(output, target), or None; got {type(loss_fn).__name__}")
     return dict(bits=check_bits(bits), lr=check_positive("lr", lr), mu=check_mu(mu), T=check_T(T),
                 momentum=check_momentum(momentum), weight_decay=check_weight_decay(weight_decay),
                 rounding=check_rounding(rounding), on_nonfinite=check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE),
                 data_loader=check_data_loader(data_loader), seed=check_seed(seed),
-                saturation_warning=float(saturation_warning), loss_fn=loss_fn, compile=check_compile(compile),
+                saturation_warning=check_saturation_warning(saturation_warning), loss_fn=loss_fn, compile=check_compile(compile),
                 arithmetic=check_arithmetic(arithmetic, bits))
 
 

@@ -1,8 +1,11 @@
 """The batches of the full gradient, read without disturbing the user's own pass over the same loader."""
+import warnings
 import weakref
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
+
+from .errors import SmallBatchWarning
 
 
 def full_gradient_batches(data_loader):
@@ -34,6 +37,15 @@ def _twin(loader):
     if loader.batch_sampler is not None:
         return DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, **settings)
     return DataLoader(loader.dataset, sampler=loader.sampler, batch_size=None, **settings)
+
+
+def warn_small_batch(examples, first, stacklevel):
+    """:class:`SmallBatchWarning` for a batch of ``examples`` after a first batch of ``first``; ``stacklevel``
+    counts from the caller of this function."""
+    warnings.warn(f"a batch of {examples} examples, against {first} in the first: the model has batch-norm layers, "
+                  "whose statistics on so few examples make the gradients at the weights and at the anchor "
+                  "disagree, and SVRG/HALP can collapse. Pass drop_last=True to the DataLoader",
+                  SmallBatchWarning, stacklevel=stacklevel + 1)
 
 
 def has_batch_norm(module):

@@ -56,12 +56,7 @@ def average_over_ranks(*tensors, group, world_size):
     summed = collectives.all_reduce(flat, "sum", GROUPS[group])
     if hasattr(collectives, "wait_tensor"):
         summed = collectives.wait_tensor(summed)
-    mean = summed / world_size
-    out, start = [], 0
-    for t in tensors:
-        out.append(mean[start:start + t.numel()].view(t.shape).to(t.dtype))
-        start += t.numel()
-    return out
+    return [part.to(t.dtype) for part, t in zip(_unflatten(summed / world_size, tensors), tensors)]
 
 
 def sum_over_ranks(group):
@@ -69,12 +64,17 @@ def sum_over_ranks(group):
     def reduce(tensors, count):
         flat = torch.cat([t.reshape(-1) for t in tensors] + [torch.tensor([float(count)], device=tensors[0].device)])
         torch.distributed.all_reduce(flat, group=group)
-        out, start = [], 0
-        for t in tensors:
-            out.append(flat[start:start + t.numel()].view(t.shape))
-            start += t.numel()
-        return out, int(round(float(flat[-1])))
+        return _unflatten(flat, tensors), int(round(float(flat[-1])))
     return reduce
+
+
+def _unflatten(flat, like):
+    """Views of the front of ``flat`` shaped as each tensor of ``like``, in order."""
+    out, start = [], 0
+    for t in like:
+        out.append(flat[start:start + t.numel()].view(t.shape))
+        start += t.numel()
+    return out
 
 
 def check_same_length(data_loader, group):

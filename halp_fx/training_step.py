@@ -10,15 +10,14 @@ Momentum survives a recenter: a recenter moves no weight (the new anchor is the
 old ``A + d*Z``), so the velocity stays meaningful.
 """
 import dataclasses
-import warnings
 import weakref
 
 import torch
 
 from . import arguments, bit_centering, distributed, introspection
 from .capture import signature_of
-from .data import full_gradient_batches, has_batch_norm
-from .errors import NonFiniteError, SmallBatchWarning
+from .data import full_gradient_batches, has_batch_norm, warn_small_batch
+from .errors import NonFiniteError
 from .programs import Programs
 from .recenter import examples_in, full_gradient, next_mus, recentered, saturated_fraction, warn_if_saturated
 from .roles import Role
@@ -259,10 +258,7 @@ class TrainingStep:
             self._first_examples = examples
         elif (self._has_batch_norm and examples * 4 < self._first_examples and not self._warned_small_batch):
             self._warned_small_batch = True
-            warnings.warn(f"a batch of {examples} examples, against {self._first_examples} in the first: the model "
-                          "has batch-norm layers, whose statistics on so few examples make the gradients at the "
-                          "weights and at the anchor disagree, and SVRG/HALP can collapse. Pass drop_last=True to "
-                          "the DataLoader", SmallBatchWarning, stacklevel=stacklevel)
+            warn_small_batch(examples, self._first_examples, stacklevel=stacklevel)
         return batch
 
     def _entry(self, batch):

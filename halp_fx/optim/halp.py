@@ -22,8 +22,8 @@ import warnings
 import torch
 
 from .. import arguments, bit_centering
-from ..data import full_gradient_batches, has_batch_norm
-from ..errors import NonFiniteError, SmallBatchWarning
+from ..data import full_gradient_batches, has_batch_norm, warn_small_batch
+from ..errors import NonFiniteError
 from ..recenter import examples_in, first_mu, full_gradient, next_mus, recentered, warn_if_saturated
 
 
@@ -86,9 +86,7 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
             raise TypeError(f"model must be the torch.nn.Module the closure runs, or None; got {type(model).__name__}")
         self.model, self.compile, self.seed = model, arguments.check_compile(compile), arguments.check_seed(seed)
         self.on_nonfinite = arguments.check_choice("on_nonfinite", on_nonfinite, arguments.ON_NONFINITE)
-        if not isinstance(saturation_warning, (int, float)) or not 0 < saturation_warning <= 1:
-            raise ValueError(f"saturation_warning must be a fraction in (0, 1]; got {saturation_warning!r}")
-        self.saturation_warning = float(saturation_warning)
+        self.saturation_warning = arguments.check_saturation_warning(saturation_warning)
         self.nonfinite_steps = 0
         self._closure_modules = None
         self._warned_unseen_buffers = self._warned_small_batch = False
@@ -221,10 +219,7 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
         elif examples * 4 < first[0] and not self._warned_small_batch and any(
                 has_batch_norm(m) for m in self._modules_with_buffers(closure)):
             self._warned_small_batch = True
-            warnings.warn(f"a batch of {examples} examples in data_loader, against {first[0]} in its first: the "
-                          "model has batch-norm layers, whose statistics on so few examples make the gradients at "
-                          "the weights and at the anchor disagree, and SVRG/HALP can collapse. Pass "
-                          "drop_last=True to the DataLoader", SmallBatchWarning, stacklevel=9)
+            warn_small_batch(examples, first[0], stacklevel=9)
 
     def _gradients_at_anchor(self, params, closure):
         weights = [p.detach().clone() for p in params]
