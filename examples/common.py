@@ -153,17 +153,19 @@ def final_mus(step):
 
 
 def sweep_mu(args, halp, run):
-    """HALP at 8 and 4 bits once per mu of ``args.sweep_mu``; ``run(name, make_step)`` trains and returns
-    (summary row, step). Prints the table, writes ``mu_sweep.csv`` and returns its rows."""
+    """HALP at 8 and 4 bits (``args.sweep_bits`` where an example has it) once per mu of ``args.sweep_mu``;
+    ``run(name, make_step)`` trains and returns (summary row, step). Prints the table and returns its rows;
+    ``mu_sweep.csv`` is rewritten after every run, so a long sweep that is stopped keeps what it measured."""
     sweep = []
-    for bits in (8, 4):
+    for bits in getattr(args, "sweep_bits", None) or (8, 4):
         for mu in [mu_value(m) for m in args.sweep_mu.split(",")]:
             summary, step = run(f"HALP {bits}-bit mu={mu_label(mu)}", halp(bits, mu))
             sweep.append({"bits": bits, "mu": mu_label(mu), "test_accuracy": summary["test_accuracy"],
                           "train_loss": summary["train_loss"], "saturated": saturated_fraction(step),
-                          "final_mus": final_mus(step)})
+                          "final_mus": final_mus(step), "seconds": summary["seconds"]})
+            path = write_csv(os.path.join(args.out, "mu_sweep.csv"), sweep)
     print_table(sweep)
-    print("wrote", write_csv(os.path.join(args.out, "mu_sweep.csv"), sweep))
+    print("wrote", path)
     return sweep
 
 

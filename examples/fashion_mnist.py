@@ -3,10 +3,14 @@
 Reads the four IDX files (gzipped or not) from ``--data``, by default where
 Debian's ``dataset-fashion-mnist`` package puts them. The defaults train on a
 fixed random subset of the training set so the whole comparison runs in a few
-minutes on a CPU; ``--train-size 60000`` uses all of it.
+minutes on a CPU. ``--full`` is the long run: all 60,000 training and 10,000
+test images, batch 128 (a short last batch dropped), compiled steps, HALP at
+8 and 4 bits with ``mu="auto"``; add ``--sweep-mu 0.25,0.5,1,2,4,8,16,32`` for
+the sweep it is compared with.
 
     sudo apt-get install dataset-fashion-mnist
     python examples/fashion_mnist.py
+    python examples/fashion_mnist.py --full
 """
 import argparse
 import gzip
@@ -20,6 +24,9 @@ import torch.nn.functional as F
 
 from common import compare_classifiers, mu_label, mu_value, show_halp_fx_log
 
+# What --full sets, unless given: the whole training set, batch 128, both HALP widths with mu="auto", compiled.
+FULL = {"train_size": 60000, "batch_size": 128, "epochs": 4, "mu": "auto", "mu4": "auto", "compile": True,
+        "out": "results/fashion_mnist_full"}
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
@@ -28,6 +35,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=str, default="/usr/share/datasets/fashion-mnist",
                         help="directory of the IDX files (default: /usr/share/datasets/fashion-mnist)")
+    parser.add_argument("--full", action="store_true",
+                        help="the long run: all 60000 training images, batch 128, 4 epochs, mu=auto at 8 and 4 bits, --compile, "
+                             "into results/fashion_mnist_full (each can still be set)")
     parser.add_argument("--train-size", type=int, default=10000,
                         help="training images, a multiple of the batch size (default: 10000 of 60000)")
     parser.add_argument("--test-size", type=int, default=10000, help="test images (default: all 10000)")
@@ -44,6 +54,8 @@ def parse_args(argv=None):
                              "magnitude (default: 4)")
     parser.add_argument("--sweep-mu", type=str, default=None,
                         help="comma-separated mu values ('auto' among them): run only HALP 8- and 4-bit, once per mu, write mu_sweep.csv")
+    parser.add_argument("--sweep-bits", type=lambda t: [int(b) for b in t.split(",")], default=None,
+                        help="comma-separated widths --sweep-mu runs (default: 8,4)")
     parser.add_argument("--int8", action="store_true",
                         help="also run HALP 8-bit with arithmetic='int8' (set HALP_FX_INT8_PRODUCTS=always on a CPU "
                              "without VNNI/AMX, where its products otherwise stay float32)")
@@ -51,7 +63,13 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subset, weights and batch order")
     parser.add_argument("--out", type=str, default="results/fashion_mnist", help="output directory")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.full:
+        given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
+        for name, value in FULL.items():
+            if f"--{name.replace('_', '-')}" not in given:
+                setattr(args, name, value)
+    return args
 
 
 class LeNet5(nn.Module):

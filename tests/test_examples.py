@@ -106,6 +106,35 @@ def test_fashion_mnist_reads_gzipped_idx_files(tmp_path):
     assert_curves(out, CLASSIFIER_CURVES, CLASSIFIERS, 1)
 
 
+def test_fashion_mnist_full_sets_the_long_run_and_keeps_what_is_given():
+    import fashion_mnist
+    full = fashion_mnist.parse_args(["--full"])
+    assert (full.train_size, full.batch_size, full.mu, full.mu4, full.compile) == (60000, 128, "auto", "auto", True)
+    assert full.out == "results/fashion_mnist_full"
+    given = fashion_mnist.parse_args(["--full", "--epochs", "1", "--batch-size=64"])
+    assert (given.epochs, given.batch_size, given.train_size) == (1, 64, 60000)
+    assert fashion_mnist.parse_args([]).train_size == 10000
+
+
+def test_a_sweep_over_one_width_writes_its_rows_after_every_run(tmp_path, monkeypatch):
+    import common
+    import fashion_mnist
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, n in (("train", 100), ("t10k", 50)):
+        write_idx(data / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(data / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    written = []
+    real_write = common.write_csv
+    monkeypatch.setattr(common, "write_csv", lambda path, rows: written.append(len(rows)) or real_write(path, rows))
+    fashion_mnist.main(["--data", str(data), "--train-size", "100", "--batch-size", "50", "--epochs", "1",
+                        "--sweep-mu", "1,auto", "--sweep-bits", "4", "--out", str(tmp_path / "out")])
+    header, rows = read_csv(tmp_path / "out" / "mu_sweep.csv")
+    assert [(r["bits"], r["mu"]) for r in rows] == [("4", "1"), ("4", "auto")]
+    assert written == [1, 2] and "seconds" in header
+
+
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST), reason="apt-get install dataset-fashion-mnist to run it")
 def test_fashion_mnist_trains_on_the_installed_dataset(tmp_path):
     import fashion_mnist
