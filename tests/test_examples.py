@@ -93,14 +93,19 @@ def write_idx(path, array):
         f.write(header + array.astype(np.uint8).tobytes())
 
 
+def random_fashion_mnist(directory, train, test):
+    """Gzipped IDX files of random 28x28 images and labels, named as the Debian package names them."""
+    rng = np.random.default_rng(0)
+    directory.mkdir()
+    for split, n in (("train", train), ("t10k", test)):
+        write_idx(directory / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(directory / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    return directory
+
+
 def test_fashion_mnist_reads_gzipped_idx_files(tmp_path):
     import fashion_mnist
-    rng = np.random.default_rng(0)
-    data = tmp_path / "data"
-    data.mkdir()
-    for split, n in (("train", 200), ("t10k", 100)):
-        write_idx(data / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        write_idx(data / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    data = random_fashion_mnist(tmp_path / "data", 200, 100)
     out = tmp_path / "out"
     fashion_mnist.main(["--data", str(data), "--train-size", "200", "--epochs", "1", "--out", str(out)])
     assert_curves(out, CLASSIFIER_CURVES, CLASSIFIERS, 1)
@@ -119,12 +124,7 @@ def test_fashion_mnist_full_sets_the_long_run_and_keeps_what_is_given():
 def test_a_sweep_over_one_width_writes_its_rows_after_every_run(tmp_path, monkeypatch):
     import common
     import fashion_mnist
-    rng = np.random.default_rng(0)
-    data = tmp_path / "data"
-    data.mkdir()
-    for split, n in (("train", 100), ("t10k", 50)):
-        write_idx(data / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        write_idx(data / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    data = random_fashion_mnist(tmp_path / "data", 100, 50)
     written = []
     real_write = common.write_csv
     monkeypatch.setattr(common, "write_csv", lambda path, rows: written.append(len(rows)) or real_write(path, rows))
