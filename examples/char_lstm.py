@@ -108,11 +108,8 @@ def train(name, make_step, vocab_size, train_batches, val_batches, args):
     return rows, summary
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    show_halp_fx_log()
-    torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
+def load_batches(args):
+    """(training batches, held-out batches, vocabulary) from Python's own ``pydoc_data.topics`` text."""
     text = "".join(topics[key] for key in sorted(topics))
     vocabulary = sorted(set(text))
     codes = torch.tensor([vocabulary.index(c) for c in text], dtype=torch.int64)
@@ -121,6 +118,15 @@ def main(argv=None):
     val_batches = windows(codes[-held_out:], args.val_batches, args)
     print(f"pydoc topics: {len(text)} characters, vocabulary {len(vocabulary)}; {len(train_batches)} training and "
           f"{len(val_batches)} held-out batches of {args.batch_size} x {args.seq_len}")
+    return train_batches, val_batches, vocabulary
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    show_halp_fx_log()
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    train_batches, val_batches, vocabulary = load_batches(args)
 
     def halp(bits, mu=args.mu, arithmetic="fp32"):
         return lambda model: halp_fx.transform(model, bits, loss_fn=next_char_loss, data_loader=train_batches,

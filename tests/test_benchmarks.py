@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ["eager_sgd", "compiled_sgd", "torchhalp_eager", "compiled_svrg", "compiled_halp8", "compiled_halp4",
@@ -138,3 +139,29 @@ def test_table_is_printed(report):
     stdout = report[1]
     assert "inner ms" in stdout and "compiled_halp8" in stdout and "Targets (reported, not asserted)" in stdout
     assert "kept B/param" in stdout
+
+
+def test_float32_sums_give_the_int8_products_to_the_bit():
+    from benchmarks.int8_char_lstm_seeds import float32_sums
+    from halp_fx import centered_int8
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (64, 1024), dtype=torch.int8, generator=generator)
+    b = torch.randint(-63, 64, (1024, 48), dtype=torch.int8, generator=generator)
+    assert torch.equal(float32_sums(a, b), a.to(torch.int32) @ b.to(torch.int32))
+    assert torch.equal(float32_sums(a, b), centered_int8.int8_mm(a, b))
+    with pytest.raises(ValueError, match="inner size 1041"):
+        float32_sums(torch.zeros(2, 1041, dtype=torch.int8), torch.zeros(1041, 2, dtype=torch.int8))
+
+
+def test_char_lstm_seeds_write_both_arithmetics_and_their_means(tmp_path):
+    from benchmarks import int8_char_lstm_seeds
+    out = tmp_path / "seeds.csv"
+    rows = int8_char_lstm_seeds.main(["--seeds", "0", "--float32-sums", "--out", str(out), "--example-args",
+                                      "--epochs 1 --train-batches 2 --val-batches 1 --hidden 8"])
+    assert [(r["arithmetic"], r["seed"]) for r in rows] == [("fp32", 0), ("int8", 0), ("fp32", "mean"),
+                                                          ("int8", "mean")]
+    assert rows[0]["val_perplexity"] != rows[1]["val_perplexity"]  # the int8 products did run
+    assert out.read_text().splitlines()[0] == "arithmetic,seed,val_perplexity"
+    # It forces the int8 products only while it runs: later tests see this CPU's own choice again.
+    from halp_fx import centered_int8
+    assert "HALP_FX_INT8_PRODUCTS" not in os.environ and centered_int8.int8_mm.__module__ == "halp_fx.centered_int8"
