@@ -42,7 +42,7 @@ def float32_sums(a, b):
 
 def train_both(seed, example_args):
     """One row per arithmetic: HALP 8-bit's held-out perplexity on the char LSTM with this seed."""
-    example = char_lstm.parse_args(["--seed", str(seed), *example_args])
+    example = char_lstm.parse_args(["--seed", str(seed), "--mu", "1", *example_args])
     torch.set_num_threads(example.threads)
     train_batches, val_batches, vocabulary = char_lstm.load_batches(example)
     rows = []
