@@ -119,12 +119,8 @@ def cpu_model():
 
 def cpu_flags():
     """The flags of ``CPU_FLAGS`` that /proc/cpuinfo lists (empty where there is no /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next((line for line in f if line.startswith("flags")), "").split())
-    except OSError:
-        return []
-    return [flag for flag in CPU_FLAGS if flag in flags]
+    from halp_fx.centered_int8 import cpu_flags as all_flags
+    return [flag for flag in CPU_FLAGS if flag in all_flags()]
 
 
 def machine_info(torch, args):

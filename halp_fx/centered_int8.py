@@ -79,14 +79,18 @@ def centered_addmm(anchor_out, bias, bias_anchor, a, a_anchor, b, b_anchor, *, s
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_int8_flags():
-    """The x86 features that make oneDNN's int8 products fast and exact at 8 bits, from ``/proc/cpuinfo``."""
+def cpu_flags():
+    """Every flag of the CPU's ``flags`` line in ``/proc/cpuinfo`` (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+            return frozenset(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
         return frozenset()
-    return frozenset(flags & {"avx512_vnni", "amx_int8", "avx_vnni"})
+
+
+def cpu_int8_flags():
+    """The x86 features that make oneDNN's int8 products fast and exact at 8 bits."""
+    return cpu_flags() & {"avx512_vnni", "amx_int8", "avx_vnni"}
 
 
 def products_pay(device):
