@@ -17,7 +17,6 @@ float32 holds it exactly and the result is the same to the bit: seed 0 gives the
 same perplexity after every epoch either way.
 """
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -29,6 +28,7 @@ for path in (ROOT, os.path.join(ROOT, "examples")):
 import torch  # noqa: E402
 
 import char_lstm  # noqa: E402
+from common import write_csv  # noqa: E402
 import halp_fx  # noqa: E402
 from halp_fx import centered_int8  # noqa: E402
 
@@ -84,12 +84,7 @@ def main(argv=None):
         rows.append({"arithmetic": arithmetic, "seed": "mean", "val_perplexity": statistics.mean(values)})
     fp32, int8 = rows[-2]["val_perplexity"], rows[-1]["val_perplexity"]
     print(f"mean held-out perplexity: fp32 {fp32:.3f}, int8 {int8:.3f} ({100 * (int8 / fp32 - 1):+.1f}%)")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows({**r, "val_perplexity": f"{r['val_perplexity']:.4f}"} for r in rows)
-    print("wrote", args.out)
+    print("wrote", write_csv(args.out, rows))
     return rows
 
 
