@@ -35,14 +35,14 @@ def check_bits(bits):
 _FLOAT32 = torch.finfo(torch.float32)
 
 
-def check_positive(name, value):
+def check_positive(name, value, alternative=""):
     """A finite number > 0 that float32 holds as such: the step computes with it in float32, where 1e39 would
-    be infinite and 1e-46 zero."""
+    be infinite and 1e-46 zero. ``alternative`` names what else the argument allows, for the message."""
     if not _is_real(value) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+        raise ValueError(f"{name} must be a finite number > 0{alternative}; got {value!r}")
     if not _FLOAT32.tiny <= value <= _FLOAT32.max:
         raise ValueError(f"{name} must be a finite number > 0 that float32 can hold (from {_FLOAT32.tiny:.3g} to "
-                         f"{_FLOAT32.max:.3g}); got {value!r}")
+                         f"{_FLOAT32.max:.3g}){alternative}; got {value!r}")
     return float(value)
 
 
@@ -54,9 +54,7 @@ def check_mu(mu):
     every recenter, :func:`halp_fx.recenter.next_mu`)."""
     if isinstance(mu, str) and mu == AUTO_MU:
         return AUTO_MU
-    if not _is_real(mu) or not math.isfinite(mu) or mu <= 0:
-        raise ValueError(f"mu must be a finite number > 0 or 'auto'; got {mu!r}")
-    return check_positive("mu", mu)
+    return check_positive("mu", mu, alternative=" or 'auto'")
 
 
 def check_seed(seed):

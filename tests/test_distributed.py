@@ -4,7 +4,6 @@ Each test starts the processes, which write what they saw to files; the test com
 that hangs fails the test after a time limit instead of blocking CI.
 """
 import os
-import socket
 import sys
 
 import pytest
@@ -15,18 +14,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import halp_fx
+from benchmarks.data_parallel import free_port
 from halp_fx.optim import HALP
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 WORLD = 2
 TIME_LIMIT_S = 240
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(worker, tmp_path, *args):
