@@ -57,32 +57,18 @@ def scale_from_norm(norm, mu, bits):
 
 def saturated_fractions(offsets, bits):
     """For each ``bits``-bit offset in ``offsets``, the fraction of its entries at the saturation bounds, as one
-    float64 vector (zeros for ``bits=None`` and for empty offsets). A handful of ops for any number of tensors."""
-    high = offset_bounds(bits)[1] if bits is not None else None
-    # |z + 1/2| is high + 1/2 at both bounds and at most high - 1/2 elsewhere, so this is 1 at the bounds and 0
-    # elsewhere: float arithmetic, which ATen runs several times faster than integer comparisons into bools.
-    return _fractions(offsets, bits, lambda flat: torch.clamp((flat + 0.5).abs_() - (high - 0.5), 0.0, 1.0))
-
-
-def outer_fractions(offsets, bits, scaled_by=1):
-    """For each ``bits``-bit offset, the fraction of its entries in the outer half of the range, ``|z| >= 2**(bits-2)``
-    (the saturated ones among them), as one float64 vector; zeros for ``bits=None``. ``mu="auto"`` reads it.
-    ``scaled_by=2``: the fraction that would be there were every offset twice as large (``|z| >= 2**(bits-3)``)."""
-    half = max(2 ** (bits - 2) // scaled_by, 1) if bits is not None else None
-    # An integer |z| is at least half exactly where |z| - (half - 1) is at least 1, and at most 0 elsewhere.
-    return _fractions(offsets, bits, lambda flat: torch.clamp(flat.abs_() - (half - 1), 0.0, 1.0))
-
-
-def _fractions(offsets, bits, indicator):
-    """The mean of ``indicator`` (1 or 0 per entry) over each offset, computed on all of them concatenated."""
+    float32 vector (zeros for ``bits=None`` and for empty offsets). A handful of ops for any number of tensors."""
     if bits is None:
-        return torch.zeros(len(offsets), device=offsets[0].device, dtype=torch.float64)
+        return torch.zeros(len(offsets), device=offsets[0].device)
+    high = offset_bounds(bits)[1]
     lengths = [z.numel() for z in offsets]
     # float32 holds every integer and half-integer involved up to 24 bits; wider offsets are checked in float64.
     flat = torch.cat([z.reshape(-1) for z in offsets]).to(torch.float32 if bits <= 23 else torch.float64)
-    counts = torch.stack([part.sum() for part in indicator(flat).split(lengths)])
-    # In float64, so that 1 entry of 5 reads as exactly 0.2, which the rule's thresholds compare with.
-    return counts.double() / torch.tensor(lengths, device=flat.device, dtype=torch.float64).clamp(min=1)
+    # |z + 1/2| is high + 1/2 at both bounds and at most high - 1/2 elsewhere, so this is 1 at the bounds and 0
+    # elsewhere: float arithmetic, which ATen runs several times faster than integer comparisons into bools.
+    at_bounds = torch.clamp((flat + 0.5).abs_() - (high - 0.5), 0.0, 1.0)
+    counts = torch.stack([part.sum() for part in at_bounds.split(lengths)])
+    return (counts / torch.tensor(lengths, device=flat.device).clamp(min=1)).float()
 
 
 def dequantize(anchor, offset, scale):

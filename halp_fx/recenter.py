@@ -2,11 +2,10 @@
 
 ``A <- W``; ``G`` = the mean gradient over the data at ``A``, each batch weighted
 by its number of examples; ``d = ||G|| / (mu * (2**(bits-1) - 1))``; ``Z <- 0``.
-With ``mu="auto"`` each tensor's mu is first set by :func:`first_mu`, then moved by :func:`next_mu`.
+With ``mu="auto"`` each tensor's mu is first moved by :func:`next_mu`.
 The callers differ only in how they compute one batch's gradient (a compiled
 graph, or the user's closure), which they pass in as ``gradient_of``.
 """
-import math
 import warnings
 
 import torch
@@ -59,60 +58,41 @@ def full_gradient(batches, gradient_of, reduce=None):
     return accumulators, torch._foreach_norm(accumulators)
 
 
-# mu="auto". The first recenter sets mu from the travel of one epoch (first_mu); each later one moves it by one
-# factor of 2 from the telemetry of the epoch that ends there (next_mu), within the bounds.
+# mu="auto": each tensor's mu moves by one factor per recenter, from the telemetry of the epoch that ends there.
 AUTO_MU_FACTOR = 2.0
 AUTO_MU_BOUNDS = (0.25, 64.0)
-# Coarsen when more than a fifth of a tensor's offsets lie in the outer half of their range (|Z| >= 2**(bits-2),
-# the saturated ones among them) ...
-OUTER_ABOVE = 0.2
-# ... refine when fewer than 2% do, more than 90% of its steps were below half a grid step, and the offsets would
-# still not cross OUTER_ABOVE were they twice as large (as they are, on the same path, with twice the mu).
-OUTER_BELOW = 0.02
+# Coarsen when more than a quarter of a tensor's offsets sit at the bounds ...
+SATURATED_ABOVE = 0.25
+# ... refine when at most 5% do and more than 90% of its steps were below half a grid step. Not half: gradients
+# are heavy-tailed, so on a good grid most entries of a large tensor still take sub-grid steps (the char LSTM's
+# output layer at its best mu, 1 at 8 bits: 50-76%), and refining it there costs perplexity.
+REFINE_SATURATED_AT_MOST = 0.05
 UNDERFLOW_ABOVE = 0.9
 
 
-def first_mu(numel, travel, bits):
-    """The first epoch's mu under ``mu="auto"`` for a tensor of ``numel`` entries.
-
-    ``travel`` is how far one epoch moves the weights per unit of gradient, ``lr * T / (1 - momentum)``. An entry
-    whose gradient is a typical share of the full gradient, ``||G|| / sqrt(numel)``, moves ``travel * ||G|| /
-    sqrt(numel)`` in an epoch, and the offsets cover ``||G|| / mu`` either way; equal, they give ``mu =
-    sqrt(numel) / travel``, taken to the nearest power of 2 within :data:`AUTO_MU_BOUNDS`. The range does not depend
-    on the bit width, so neither does this mu. With ``travel=None`` (no ``T`` and no sized data loader to count
-    an epoch by) it is 1 from 8 bits up and doubled for every 2 bits fewer (4 at 4 bits).
-    """
-    low, high = AUTO_MU_BOUNDS
-    if travel is None:
-        mu = 1.0 if bits is None else 2.0 ** max(0, (8 - bits) // 2)
-    else:
-        mu = 2.0 ** round(math.log2(math.sqrt(max(numel, 1)) / travel))
-    return min(max(mu, low), high)
+def first_mu(bits):
+    """The first epoch's mu under ``mu="auto"``: 1 from 8 bits up, doubled for every 2 bits fewer (4 at 4 bits),
+    within :data:`AUTO_MU_BOUNDS`. A coarser grid needs a larger mu before any step survives rounding."""
+    if bits is None:
+        return 1.0
+    return min(2.0 ** max(0, (8 - bits) // 2), AUTO_MU_BOUNDS[1])
 
 
-def epoch_travel(lr, T, momentum):
-    """``lr * T / (1 - momentum)``, :func:`first_mu`'s travel; None when ``T`` is None."""
-    return None if T is None else lr * T / (1.0 - momentum)
-
-
-def next_mu(mu, outer, underflow, outer_if_doubled):
+def next_mu(mu, saturated, underflow):
     """The rule of ``mu="auto"``, applied to each tensor at every recenter after the first.
 
-    ``outer`` is the fraction of the tensor's offsets in the outer half of their range just before the recenter
-    (:func:`halp_fx.bit_centering.outer_fractions`), ``underflow`` the mean over the epoch's steps of the fraction
-    of its entries whose step ``|lr*u/d|`` was below half a grid step (``None`` when no step ran since the last
-    recenter: mu stays) and ``outer_if_doubled`` the fraction that would be in the outer half were the offsets
-    twice as large, as doubling mu would make them on the same path. Offsets crowding the bounds say the range is
-    too narrow for the epoch's travel: mu is halved. Offsets that all stay near the anchor while the steps are lost
-    in rounding say the grid is too coarse: mu is doubled, unless that would crowd the bounds in turn. Otherwise
-    it stays; always within :data:`AUTO_MU_BOUNDS`.
+    ``saturated`` is the fraction of the tensor's offsets at the integer bounds just before the recenter,
+    ``underflow`` the mean over the epoch's steps of the fraction of its entries whose step ``|lr*u/d|`` was below
+    half a grid step (``None`` when no step ran since the last recenter: mu stays). Saturated offsets say the grid
+    is too fine for the steps taken: mu is halved. Steps lost in rounding with nothing clipped say it is too
+    coarse: mu is doubled. Otherwise it stays; always within :data:`AUTO_MU_BOUNDS`.
     """
     low, high = AUTO_MU_BOUNDS
     if underflow is None:
         return mu
-    if outer > OUTER_ABOVE:
+    if saturated > SATURATED_ABOVE:
         return max(mu / AUTO_MU_FACTOR, low)
-    if outer < OUTER_BELOW and underflow > UNDERFLOW_ABOVE and outer_if_doubled <= OUTER_ABOVE:
+    if saturated <= REFINE_SATURATED_AT_MOST and underflow > UNDERFLOW_ABOVE:
         return min(mu * AUTO_MU_FACTOR, high)
     return mu
 
@@ -123,15 +103,11 @@ def next_mus(mus, offsets, underflow_sums, steps, bits):
     if steps == 0:
         return list(mus)
     underflows = (torch.stack(list(underflow_sums)).double() / steps).tolist()
-    outer = {}
+    saturations = {}
     for b in {b for b in bits if b is not None}:
         group = [i for i, bb in enumerate(bits) if bb == b]
-        tensors = [offsets[i] for i in group]
-        pairs = zip(bit_centering.outer_fractions(tensors, b).tolist(),
-                    bit_centering.outer_fractions(tensors, b, scaled_by=2).tolist())
-        outer.update(zip(group, pairs))
-    return [next_mu(mu, outer[i][0], underflows[i], outer[i][1]) if i in outer else mu
-            for i, mu in enumerate(mus)]
+        saturations.update(zip(group, bit_centering.saturated_fractions([offsets[i] for i in group], b).tolist()))
+    return [next_mu(mu, saturations[i], underflows[i]) if i in saturations else mu for i, mu in enumerate(mus)]
 
 
 def recentered(weights, full_grads, norms, mus, bits):
@@ -159,7 +135,7 @@ def saturated_fraction(offsets, bits):
     for b in sorted({b for _, b in counted}):
         group = [z for z, bb in counted if bb == b]
         sizes = torch.tensor([z.numel() for z in group], dtype=torch.float64)
-        fractions = bit_centering.saturated_fractions(group, b).cpu()
+        fractions = bit_centering.saturated_fractions(group, b).to(torch.float64).cpu()
         saturated += float((fractions * sizes).sum())
         total += float(sizes.sum())
     return saturated / max(total, 1.0)

@@ -37,10 +37,8 @@ class HalpState:
             Role.FROZEN: OrderedDict((n, params[n].detach()) for n in signature.frozen_names),
             Role.BUFFER: OrderedDict((n, buffers[n].detach().clone()) for n in signature.buffer_names),
         }
-        # mu="auto": each tensor's mu, a Python float (a power of two), chosen at every recenter (until the first,
-        # the default for an unknown epoch length).
-        self.mus = (OrderedDict((n, recenter.first_mu(a.numel(), None, bits)) for n, a in anchor.items()) if auto_mu
-                    else OrderedDict())
+        # mu="auto": each tensor's mu, a Python float (a power of two), chosen at every recenter.
+        self.mus = OrderedDict((n, recenter.first_mu(bits)) for n in anchor) if auto_mu else OrderedDict()
         self.rounding_counter = int(seed) << 32
         self.steps_since_recenter = self.recenters = self.nonfinite_steps = 0
 

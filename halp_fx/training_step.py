@@ -19,8 +19,7 @@ from .capture import signature_of
 from .data import full_gradient_batches, has_batch_norm, warn_small_batch
 from .errors import NonFiniteError
 from .programs import Programs
-from .recenter import (epoch_travel, examples_in, first_mu, full_gradient, next_mus, recentered, saturated_fraction,
-                       warn_if_saturated)
+from .recenter import examples_in, full_gradient, next_mus, recentered, saturated_fraction, warn_if_saturated
 from .roles import Role
 from .state import HalpState
 
@@ -167,13 +166,11 @@ class TrainingStep:
         full_grads, norms = full_gradient(source, gradient_of, reduce)
         state, n = self.state, len(full_grads)
         mus = [self.mu] * n
-        if state.auto_mu and not state.recenters:
-            travel = epoch_travel(self.lr, self.T, self.momentum)
-            mus = [first_mu(w.numel(), travel, self.bits) for w in weights.values()]
-        elif state.auto_mu:
+        if state.auto_mu:
             # The epoch's telemetry is read only once the full gradient succeeded, so a failed recenter changes nothing.
+            steps = state.steps_since_recenter if state.recenters else 0
             mus = next_mus(list(state.mus.values()), list(self.offset.values()),
-                           list(state[Role.UNDERFLOW].values()), state.steps_since_recenter, [self.bits] * n)
+                           list(state[Role.UNDERFLOW].values()), steps, [self.bits] * n)
         centered = recentered(list(weights.values()), full_grads, norms, mus, [self.bits] * n)
         state.recenter(*zip(*centered), full_grads, mus)
 
@@ -206,17 +203,15 @@ class TrainingStep:
 
     def stats(self):
         """Per tensor: ``mu`` (the one the last recenter used), ``scale``, ``saturated`` (the fraction of offset
-        entries at the integer bounds now), ``outer`` (the fraction in the outer half of the range, ``|Z| >=
-        2**(bits-2)``) and ``underflow`` (the mean over the steps since the last recenter of the fraction of entries
-        whose step ``|lr*u/d|`` was below half a grid step; 0 before any step)."""
+        entries at the integer bounds now) and ``underflow`` (the mean over the steps since the last recenter of the
+        fraction of entries whose step ``|lr*u/d|`` was below half a grid step; 0 before any step)."""
         scales = torch.stack(list(self.scale.values())).tolist()
         saturated = bit_centering.saturated_fractions(list(self.offset.values()), self.bits).tolist()
-        outer = bit_centering.outer_fractions(list(self.offset.values()), self.bits).tolist()
         steps = max(self.state.steps_since_recenter, 1)
         underflow = (torch.stack(list(self.state[Role.UNDERFLOW].values())).double() / steps).tolist()
         mus = list(self.state.mus.values()) if self.state.auto_mu else [self.mu] * len(scales)
-        return {n: {"mu": mu, "scale": scale, "saturated": fraction, "outer": out, "underflow": low}
-                for n, mu, scale, fraction, out, low in zip(self.anchor, mus, scales, saturated, outer, underflow)}
+        return {n: {"mu": mu, "scale": scale, "saturated": fraction, "underflow": low}
+                for n, mu, scale, fraction, low in zip(self.anchor, mus, scales, saturated, underflow)}
 
     def saturated_fraction(self):
         """The fraction of all offset entries, over every tensor, at the integer bounds now."""

@@ -25,9 +25,8 @@ def transform(model, bits=8, *, loss_fn=None, data_loader=None, lr=0.01, T=None,
             set) or when you call ``step.recenter(batches)``.
         lr, mu, momentum, weight_decay, rounding: as in the HALP paper; see
             :mod:`halp_fx.bit_centering` for the exact arithmetic. ``mu="auto"`` sets each
-            tensor's mu at the first recenter from one epoch's travel, ``lr * T``
-            (:func:`halp_fx.recenter.first_mu`), then at every recenter from the epoch's
-            offsets and underflow (:func:`halp_fx.recenter.next_mu`).
+            tensor's mu at every recenter from the epoch's saturation and underflow
+            (:func:`halp_fx.recenter.next_mu`).
         compile: compile the graphs with Inductor; ``False`` runs the same graphs eagerly.
         on_nonfinite: ``"raise"`` a :class:`NonFiniteError` or ``"skip"`` a step
             whose loss, corrected gradient, update or new buffer is NaN/Inf; either

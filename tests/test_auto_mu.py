@@ -1,10 +1,8 @@
-"""mu="auto": each tensor's mu is set at the first recenter from one epoch's travel, then moved at every recenter
-from the last epoch's offsets and underflow.
+"""mu="auto": each tensor's mu is chosen at every recenter from the last epoch's saturation and underflow.
 
-The rule (halp_fx.recenter): the first mu is sqrt(numel) / (lr * T / (1 - momentum)), to the nearest power of 2
-(first_mu). Then (next_mu) more than 20% of a tensor's offsets in the outer half of their range halves its mu (a
-coarser grid); fewer than 2% there, more than 90% of its steps below half a grid step, and offsets that would stay
-out of the outer half were they doubled, double it (a finer grid). mu stays within [0.25, 64].
+The rule (halp_fx.recenter.next_mu): more than 25% of a tensor's offsets at the bounds halves its mu (a coarser
+grid); at most 5% at the bounds and more than 90% of its steps below half a grid step doubles it (a finer
+grid); mu stays within [0.25, 64]; the first epoch uses 1 at 8 bits, 4 at 4 bits.
 """
 import copy
 
@@ -53,53 +51,31 @@ def optimizer_epochs(model, opt, data, epochs):
 
 # -- the rule ------------------------------------------------------------------------------------------
 
-def test_a_tensor_whose_offsets_crowd_the_bounds_gets_a_coarser_grid():
-    assert recenter.next_mu(8.0, outer=0.5, underflow=0.9, outer_if_doubled=0.9) == 4.0
+def test_a_saturated_tensor_gets_a_coarser_grid():
+    assert recenter.next_mu(8.0, saturated=0.5, underflow=0.9) == 4.0
 
 
-def test_an_underflowing_tensor_whose_offsets_stay_near_the_anchor_gets_a_finer_grid():
-    assert recenter.next_mu(2.0, outer=0.0, underflow=0.95, outer_if_doubled=0.1) == 4.0
+def test_an_underflowing_tensor_gets_a_finer_grid():
+    assert recenter.next_mu(2.0, saturated=0.0, underflow=0.95) == 4.0
 
 
-def test_a_finer_grid_is_not_chosen_where_doubled_offsets_would_crowd_the_bounds():
-    assert recenter.next_mu(2.0, outer=0.0, underflow=0.95, outer_if_doubled=0.5) == 2.0
-
-
-def test_a_tensor_neither_crowding_nor_underflowing_keeps_its_mu():
-    assert recenter.next_mu(2.0, outer=0.0, underflow=0.8, outer_if_doubled=0.0) == 2.0
-    assert recenter.next_mu(2.0, outer=0.1, underflow=0.95, outer_if_doubled=0.2) == 2.0
-    # The thresholds compare exactly: one entry of five in the outer half is not more than a fifth.
-    assert recenter.next_mu(2.0, outer=0.2, underflow=0.95, outer_if_doubled=0.6) == 2.0
+def test_a_tensor_neither_saturated_nor_underflowing_keeps_its_mu():
+    assert recenter.next_mu(2.0, saturated=0.0, underflow=0.8) == 2.0
+    assert recenter.next_mu(2.0, saturated=0.1, underflow=0.95) == 2.0
 
 
 def test_mu_stays_within_its_bounds():
     low, high = recenter.AUTO_MU_BOUNDS
-    assert recenter.next_mu(low, outer=1.0, underflow=0.0, outer_if_doubled=1.0) == low
-    assert recenter.next_mu(high, outer=0.0, underflow=1.0, outer_if_doubled=0.0) == high
+    assert recenter.next_mu(low, saturated=1.0, underflow=0.0) == low
+    assert recenter.next_mu(high, saturated=0.0, underflow=1.0) == high
 
 
 def test_without_steps_since_the_last_recenter_mu_stays():
-    assert recenter.next_mu(2.0, outer=0.5, underflow=None, outer_if_doubled=1.0) == 2.0
+    assert recenter.next_mu(2.0, saturated=0.5, underflow=None) == 2.0
 
 
-def test_the_first_mu_fits_the_range_to_one_epochs_travel_whatever_the_bit_width():
-    # sqrt(4096) / 2 = 32; sqrt(100) / 1 = 10, nearest power of 2: 8.
-    assert [recenter.first_mu(4096, 2.0, b) for b in (4, 8, 16)] == [32.0, 32.0, 32.0]
-    assert recenter.first_mu(100, 1.0, 8) == 8.0
-    assert recenter.first_mu(1, 100.0, 8) == recenter.AUTO_MU_BOUNDS[0]
-    assert recenter.first_mu(10 ** 6, 0.01, 8) == recenter.AUTO_MU_BOUNDS[1]
-    assert recenter.epoch_travel(0.1, 50, 0.5) == pytest.approx(10.0)
-
-
-def test_without_an_epoch_length_the_first_mu_is_1_at_8_bits_and_4_at_4_bits():
-    assert [recenter.first_mu(4096, None, b) for b in (16, 8, 6, 4, 2)] == [1.0, 1.0, 2.0, 4.0, 8.0]
-    assert recenter.epoch_travel(0.1, None, 0.0) is None
-
-
-def test_the_outer_fraction_counts_offsets_in_the_outer_half_of_the_range():
-    z = torch.tensor([-8, -7, -4, -3, -2, 0, 1, 2, 3, 4, 7], dtype=torch.int8)
-    assert halp_fx.bit_centering.outer_fractions([z], 4).tolist() == [5 / 11]        # |z| >= 4
-    assert halp_fx.bit_centering.outer_fractions([z], 4, scaled_by=2).tolist() == [9 / 11]  # |z| >= 2
+def test_the_first_epoch_mu_is_1_at_8_bits_and_4_at_4_bits():
+    assert [recenter.first_mu(b) for b in (16, 8, 6, 4, 2)] == [1.0, 1.0, 2.0, 4.0, 8.0]
 
 
 def test_the_underflow_fraction_counts_steps_below_half_a_grid_step():
@@ -110,50 +86,40 @@ def test_the_underflow_fraction_counts_steps_below_half_a_grid_step():
 
 # -- transform ----------------------------------------------------------------------------------------
 
-def first_mus(model, lr, T, bits):
-    return [recenter.first_mu(p.numel(), lr * T, bits) for p in model.parameters()]
-
-
-def test_transform_starts_auto_from_one_epochs_travel():
+def test_transform_starts_auto_from_the_first_epoch_default():
     step, data = make_step(bits=4)
     step(*data[0])
-    expected = first_mus(mlp(), 0.1, len(data), 4)
-    assert [s["mu"] for s in step.stats().values()] == expected == [16.0, 8.0, 16.0, 4.0]
-    assert step.scale["0.weight"] == pytest.approx(float(step.full_grad["0.weight"].norm()) / (16.0 * 7))
+    assert {s["mu"] for s in step.stats().values()} == {4.0}
+    assert step.scale["0.weight"] == pytest.approx(float(step.full_grad["0.weight"].norm()) / (4.0 * 7))
 
 
 def test_transform_refines_the_grid_of_a_tensor_whose_updates_underflow():
-    step, data = make_step()
-    run_epochs(step, data, 1)           # at lr 0.1
-    step.lr = 1e-5                      # the next epoch's steps are all far below half a grid step
+    # A tiny lr: every step is far below half a grid step and nothing saturates.
+    step, data = make_step(lr=1e-5)
     run_epochs(step, data, 1)
-    before = step.stats()
-    assert all(s["underflow"] > 0.9 and s["outer"] == 0.0 for s in before.values())
+    assert all(s["underflow"] > 0.9 for s in step.stats().values())
     step(*data[0])  # recenters
-    assert [s["mu"] for s in step.stats().values()] == [min(2 * s["mu"], recenter.AUTO_MU_BOUNDS[1])
-                                                        for s in before.values()]
+    assert {s["mu"] for s in step.stats().values()} == {2.0}
 
 
-def test_transform_coarsens_the_grid_of_a_tensor_whose_offsets_crowd_the_bounds():
-    step, data = make_step()
-    run_epochs(step, data, 1)
-    step.lr = 10.0
+def test_transform_coarsens_the_grid_of_a_saturated_tensor():
+    step, data = make_step(lr=10.0)
     run_epochs(step, data, 1)
     before = step.stats()
-    crowded = [n for n, s in before.items() if s["outer"] > recenter.OUTER_ABOVE]
-    assert crowded
+    saturated = [n for n, s in before.items() if s["saturated"] > recenter.SATURATED_ABOVE]
+    assert saturated
     step(*data[0])
     after = step.stats()
-    assert all(after[n]["mu"] == before[n]["mu"] / 2 for n in crowded)
+    assert all(after[n]["mu"] == before[n]["mu"] / 2 for n in saturated)
 
 
-def test_transform_stats_report_mu_saturation_outer_fraction_and_underflow_per_tensor():
+def test_transform_stats_report_mu_saturation_and_underflow_per_tensor():
     step, data = make_step(mu=0.5)
     run_epochs(step, data, 1)
     stats = step.stats()
     assert set(stats) == set(step.anchor)
     for s in stats.values():
-        assert s["mu"] == 0.5 and 0.0 <= s["saturated"] <= s["outer"] <= 1.0 and 0.0 <= s["underflow"] <= 1.0
+        assert s["mu"] == 0.5 and 0.0 <= s["saturated"] <= 1.0 and 0.0 <= s["underflow"] <= 1.0
 
 
 def test_transform_auto_is_deterministic():
@@ -238,30 +204,25 @@ def test_auto_at_4_bits_does_not_collapse_where_mu_half_does():
 
 def test_optimizer_refines_the_grid_of_underflowing_tensors_per_parameter():
     model, opt, data = make_optimizer()
-    optimizer_epochs(model, opt, data[:1], 1)   # the first recenter, at lr 0.1
-    assert [s["mu"] for s in opt.stats()] == first_mus(model, 0.1, len(data), 8)
-    optimizer_epochs(model, opt, data[1:], 1)
-    opt.param_groups[0]["lr"] = 1e-5            # the next epoch's steps are all far below half a grid step
+    opt.param_groups[0]["lr"] = 1e-5
     optimizer_epochs(model, opt, data, 1)
-    before = [s["mu"] for s in opt.stats()]
-    assert all(s["underflow"] > 0.9 and s["outer"] == 0.0 for s in opt.stats())
-    optimizer_epochs(model, opt, data[:1], 1)   # recenters
-    doubled = [min(2 * mu, recenter.AUTO_MU_BOUNDS[1]) for mu in before]
-    assert [s["mu"] for s in opt.stats()] == doubled
-    assert [opt.state[p]["mu"] for p in model.parameters()] == doubled
+    assert {s["mu"] for s in opt.stats()} == {1.0}
+    assert all(s["underflow"] > 0.9 for s in opt.stats())
+    optimizer_epochs(model, opt, data, 1)
+    assert {s["mu"] for s in opt.stats()} == {2.0}
+    assert all(opt.state[p]["mu"] == 2.0 for p in model.parameters())
 
 
-def test_optimizer_coarsens_the_grid_of_tensors_whose_offsets_crowd_the_bounds():
+def test_optimizer_coarsens_the_grid_of_saturated_tensors():
     model, opt, data = make_optimizer()
-    optimizer_epochs(model, opt, data, 1)
     opt.param_groups[0]["lr"] = 10.0
     optimizer_epochs(model, opt, data, 1)
     before = opt.stats()
-    crowded = [i for i, s in enumerate(before) if s["outer"] > recenter.OUTER_ABOVE]
-    assert crowded
-    optimizer_epochs(model, opt, data[:1], 1)
+    saturated = [i for i, s in enumerate(before) if s["saturated"] > recenter.SATURATED_ABOVE]
+    assert saturated
+    optimizer_epochs(model, opt, data, 1)
     after = opt.stats()
-    assert all(after[i]["mu"] == before[i]["mu"] / 2 for i in crowded)
+    assert all(after[i]["mu"] == before[i]["mu"] / 2 for i in saturated)
 
 
 def test_optimizer_auto_is_per_group():
@@ -273,7 +234,7 @@ def test_optimizer_auto_is_per_group():
                data_loader=data, compile=False)
     optimizer_epochs(model, opt, data, 1)
     stats = opt.stats()
-    assert [s["mu"] for s in stats] == first_mus(model, 0.1, len(data), 4)[:2] + [0.5, 0.5]
+    assert [s["mu"] for s in stats] == [4.0, 4.0, 0.5, 0.5]
     assert stats[0]["underflow"] is not None and stats[2]["underflow"] is None
     assert "mu" not in opt.state[second[0]] and "underflow" not in opt.state[second[0]]
 

@@ -24,8 +24,7 @@ import torch
 from .. import arguments, bit_centering
 from ..data import full_gradient_batches, has_batch_norm, warn_small_batch
 from ..errors import NonFiniteError
-from ..recenter import (epoch_travel, examples_in, first_mu, full_gradient, next_mus, recentered,
-                        warn_if_saturated)
+from ..recenter import examples_in, first_mu, full_gradient, next_mus, recentered, warn_if_saturated
 
 
 def inner_steps(groups):
@@ -201,10 +200,7 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
                           [self.state[params[i]]["underflow"] for i in started], steps, [bits[i] for i in started])
         chosen = dict(zip(started, chosen))
         for i in auto:
-            if i not in chosen:
-                group = group_of[params[i]]
-                chosen[i] = first_mu(params[i].numel(), epoch_travel(group["lr"], self.T, group["momentum"]), bits[i])
-            mus[i] = chosen[i]
+            mus[i] = chosen.get(i, first_mu(bits[i]))
         return mus
 
     def _full_gradient(self, params, closure):
@@ -296,8 +292,7 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
 
     def stats(self):
         """Per parameter, in the order of ``param_groups``: ``mu`` (the one its last recenter used), ``scale``,
-        ``saturated`` (the fraction of its offset entries at the integer bounds now), ``outer`` (the fraction in the
-        outer half of the range, ``|Z| >= 2**(bits-2)``) and, in ``mu="auto"`` groups,
+        ``saturated`` (the fraction of its offset entries at the integer bounds now) and, in ``mu="auto"`` groups,
         ``underflow`` (the mean over the steps since the last recenter of the fraction of entries whose step was
         below half a grid step; ``None`` in groups with a numeric mu). Empty before the first step."""
         steps = max(self._counters.get("steps_since_recenter", 0), 1)
@@ -309,10 +304,9 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
                     continue
                 bits = group.get("bits")
                 saturated = float(bit_centering.saturated_fractions([state["offset"]], bits)[0])
-                outer = float(bit_centering.outer_fractions([state["offset"]], bits)[0])
                 underflow = float(state["underflow"]) / steps if "underflow" in state else None
                 out.append({"mu": state.get("mu", group.get("mu")), "scale": float(state["scale"]),
-                            "saturated": saturated, "outer": outer, "underflow": underflow})
+                            "saturated": saturated, "underflow": underflow})
         return out
 
     # -- state -----------------------------------------------------------------------------------
@@ -435,9 +429,8 @@ class HALP(_BitCenteredOptimizer):
         momentum: heavy-ball momentum on the corrected gradient (float32 buffer,
             kept across recenters).
         mu: the grid's scale ``d = ||full_grad|| / (mu * (2**(bits-1) - 1))``, or ``"auto"``: each
-            parameter's mu is set at the first recenter by :func:`halp_fx.recenter.first_mu` from its group's
-            ``lr * T / (1 - momentum)``, then at every recenter by :func:`halp_fx.recenter.next_mu` (kept in its
-            state as ``mu``, with the underflow it reads, ``underflow``).
+            parameter's mu is chosen at every recenter by :func:`halp_fx.recenter.next_mu` (kept in its state as
+            ``mu``, with the telemetry it reads, ``underflow``).
         bits: offset width, 2..32 (int8 up to 8, int16 up to 16, else int32), or
             ``None`` for full precision (then it is :class:`SVRG`).
         biased: ``True`` rounds to nearest, ``False`` (default) rounds stochastically.
