@@ -64,11 +64,9 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the subset, weights and batch order")
     parser.add_argument("--out", type=str, default="results/fashion_mnist", help="output directory")
     args = parser.parse_args(argv)
-    if args.full:
-        given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
-        for name, value in FULL.items():
-            if f"--{name.replace('_', '-')}" not in given:
-                setattr(args, name, value)
+    if args.full:  # the long run's values become the defaults, so argparse still lets any option override them
+        parser.set_defaults(**FULL)
+        args = parser.parse_args(argv)
     return args
 
 
