@@ -31,9 +31,12 @@ def mu_label(mu):
 
 def show_halp_fx_log():
     """Print halp_fx's INFO lines (the start and the end of each Inductor compile, which can take minutes) on
-    stderr, so a run with ``--compile`` does not look stuck; other libraries stay at their default level."""
+    stderr, so a run with ``--compile`` does not look stuck; other libraries stay at their default level. A level
+    already more verbose (DEBUG, set by a caller such as ``benchmarks/auto_mu_telemetry.py``) is kept."""
     logging.basicConfig(format="%(message)s")
-    logging.getLogger("halp_fx").setLevel(logging.INFO)
+    logger = logging.getLogger("halp_fx")
+    if not logger.level or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
 
 
 class LowPrecisionSGD:

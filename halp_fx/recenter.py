@@ -6,6 +6,7 @@ With ``mu="auto"`` each tensor's mu is first moved by :func:`next_mu`.
 The callers differ only in how they compute one batch's gradient (a compiled
 graph, or the user's closure), which they pass in as ``gradient_of``.
 """
+import logging
 import warnings
 
 import torch
@@ -13,6 +14,8 @@ import torch
 from . import bit_centering
 from .arguments import as_batch
 from .errors import NonFiniteError, SaturationWarning
+
+log = logging.getLogger("halp_fx")
 
 
 def examples_in(batch):
@@ -108,6 +111,27 @@ def next_mus(mus, offsets, underflow_sums, steps, bits):
         group = [i for i, bb in enumerate(bits) if bb == b]
         saturations.update(zip(group, bit_centering.saturated_fractions([offsets[i] for i in group], b).tolist()))
     return [next_mu(mu, saturations[i], underflows[i]) if i in saturations else mu for i, mu in enumerate(mus)]
+
+
+def log_telemetry(names, numels, bits, epoch, next_mus, norms, recenter=None):
+    """One DEBUG record of the ``halp_fx`` logger per recenter (callers check ``log.isEnabledFor(DEBUG)`` first, as
+    ``epoch`` costs a read of every offset): per tensor its ``numel`` and ``bits``, the ending epoch's ``mu``,
+    ``saturated`` and ``underflow`` (``epoch``: the caller's ``stats()`` rows, ``None`` at the first recenter, which
+    ends no epoch), the ``next_mu`` this recenter applies and the new ``full_grad_norm``. The record's
+    ``halp_telemetry`` attribute holds them, ``{"recenter": k or None, "tensors": {name: {...}}}``, for tools."""
+    fields = ("mu", "saturated", "underflow")
+    epoch = [dict.fromkeys(fields)] * len(names) if epoch is None else epoch
+    tensors = {name: {"numel": numel, "bits": b, **{key: row.get(key) for key in fields}, "next_mu": next_mu,
+                      "full_grad_norm": norm}
+               for name, numel, b, row, next_mu, norm in zip(names, numels, bits, epoch, next_mus,
+                                                              torch.stack(list(norms)).tolist())}
+
+    def fraction(x):
+        return "-" if x is None else f"{x:.3f}"
+    log.debug("halp_fx: recenter%s: %s", "" if recenter is None else f" {recenter}",
+              "; ".join(f"{name} mu {t['next_mu']} (epoch's mu {t['mu']}, saturated {fraction(t['saturated'])}, "
+                        f"underflow {fraction(t['underflow'])})" for name, t in tensors.items()),
+              extra={"halp_telemetry": {"recenter": recenter, "tensors": tensors}})
 
 
 def recentered(weights, full_grads, norms, mus, bits):

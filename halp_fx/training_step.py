@@ -10,6 +10,7 @@ Momentum survives a recenter: a recenter moves no weight (the new anchor is the
 old ``A + d*Z``), so the velocity stays meaningful.
 """
 import dataclasses
+import logging
 import weakref
 
 import torch
@@ -19,7 +20,8 @@ from .capture import signature_of
 from .data import full_gradient_batches, has_batch_norm, warn_small_batch
 from .errors import NonFiniteError
 from .programs import Programs
-from .recenter import examples_in, full_gradient, next_mus, recentered, saturated_fraction, warn_if_saturated
+from .recenter import (examples_in, full_gradient, log, log_telemetry, next_mus, recentered, saturated_fraction,
+                       warn_if_saturated)
 from .roles import Role
 from .state import HalpState
 
@@ -171,6 +173,9 @@ class TrainingStep:
             steps = state.steps_since_recenter if state.recenters else 0
             mus = next_mus(list(state.mus.values()), list(self.offset.values()),
                            list(state[Role.UNDERFLOW].values()), steps, [self.bits] * n)
+        if log.isEnabledFor(logging.DEBUG):
+            log_telemetry(list(self.anchor), [a.numel() for a in self.anchor.values()], [self.bits] * n,
+                          list(self.stats().values()) if state.recenters else None, mus, norms, state.recenters)
         centered = recentered(list(weights.values()), full_grads, norms, mus, [self.bits] * n)
         state.recenter(*zip(*centered), full_grads, mus)
 

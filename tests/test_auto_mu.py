@@ -5,6 +5,7 @@ grid); at most 5% at the bounds and more than 90% of its steps below half a grid
 grid); mu stays within [0.25, 64]; the first epoch uses 1 at 8 bits, 4 at 4 bits.
 """
 import copy
+import logging
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 import halp_fx
 from halp_fx import recenter
 from halp_fx.optim import HALP
+from halp_fx.roles import Role
 from models import classification_data, mlp
 
 
@@ -122,6 +124,36 @@ def test_transform_stats_report_mu_saturation_and_underflow_per_tensor():
         assert s["mu"] == 0.5 and 0.0 <= s["saturated"] <= 1.0 and 0.0 <= s["underflow"] <= 1.0
 
 
+def test_each_recenter_logs_the_epochs_telemetry_and_the_mu_it_chose_at_debug_level(caplog):
+    step, data = make_step(bits=4)
+    run_epochs(step, data, 1)
+    before = step.stats()
+    with caplog.at_level(logging.DEBUG, logger="halp_fx"):
+        step.recenter()
+    records = [r for r in caplog.records if hasattr(r, "halp_telemetry")]
+    assert len(records) == 1 and "recenter 1" in records[0].getMessage()
+    telemetry = records[0].halp_telemetry
+    assert telemetry["recenter"] == 1
+    after = step.stats()
+    assert list(telemetry["tensors"]) == list(after)
+    for name, logged in telemetry["tensors"].items():
+        assert logged["numel"] == step.anchor[name].numel() and logged["bits"] == 4
+        assert (logged["mu"], logged["saturated"], logged["underflow"]) == \
+            (before[name]["mu"], before[name]["saturated"], before[name]["underflow"])
+        assert logged["next_mu"] == after[name]["mu"]
+        assert logged["full_grad_norm"] == pytest.approx(float(step.state[Role.FULL_GRAD][name].norm()))
+
+
+def test_the_first_recenter_logs_no_epoch_and_a_numeric_mu_logs_it_unchanged(caplog):
+    step, data = make_step(bits=8, mu=2.0)
+    with caplog.at_level(logging.DEBUG, logger="halp_fx"):
+        run_epochs(step, data, 1)
+        step.recenter()
+    first, second = [r.halp_telemetry for r in caplog.records if hasattr(r, "halp_telemetry")]
+    assert all(t["mu"] is None and t["saturated"] is None for t in first["tensors"].values())
+    assert all(t["mu"] == 2.0 and t["next_mu"] == 2.0 for t in second["tensors"].values())
+
+
 def test_transform_auto_is_deterministic():
     runs = []
     for _ in range(2):
@@ -223,6 +255,17 @@ def test_optimizer_coarsens_the_grid_of_saturated_tensors():
     optimizer_epochs(model, opt, data, 1)
     after = opt.stats()
     assert all(after[i]["mu"] == before[i]["mu"] / 2 for i in saturated)
+
+
+def test_optimizer_recenters_log_the_same_telemetry(caplog):
+    model, opt, data = make_optimizer(bits=4)
+    with caplog.at_level(logging.DEBUG, logger="halp_fx"):
+        optimizer_epochs(model, opt, data, 2)
+    first, second = [r.halp_telemetry for r in caplog.records if hasattr(r, "halp_telemetry")]
+    params = [p for p in model.parameters()]
+    assert [t["numel"] for t in second["tensors"].values()] == [p.numel() for p in params]
+    assert all(t["saturated"] is None and t["next_mu"] == 4.0 for t in first["tensors"].values())
+    assert [t["next_mu"] for t in second["tensors"].values()] == [s["mu"] for s in opt.stats()]
 
 
 def test_optimizer_auto_is_per_group():

@@ -5,6 +5,7 @@ graphs run eagerly: this checks the harness (every method, the interleaved
 rounds, the warm subprocess, the JSON), not the speed, in well under a minute.
 """
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -165,3 +166,21 @@ def test_char_lstm_seeds_write_both_arithmetics_and_their_means(tmp_path):
     # It forces the int8 products only while it runs: later tests see this CPU's own choice again.
     from halp_fx import centered_int8
     assert "HALP_FX_INT8_PRODUCTS" not in os.environ and centered_int8.int8_mm.__module__ == "halp_fx.centered_int8"
+
+
+def test_auto_mu_telemetry_records_every_recenter_of_every_run(tmp_path):
+    from benchmarks import auto_mu_telemetry
+    out = tmp_path / "telemetry.csv"
+    rows = auto_mu_telemetry.main(["regression", "--out", str(out), "--", "--bits", "4", "--samples", "10",
+                                   "--epochs", "3", "--sweep-mu", "2,auto", "--out", str(tmp_path / "example")])
+    assert [(r["run"], r["recenter"]) for r in rows] == [(run, k) for run in (0, 1) for k in range(3)]
+    fixed, auto = rows[:3], rows[3:]
+    assert fixed[0]["mu"] is None and fixed[0]["saturated"] is None  # the first recenter ends no epoch
+    assert all(r["mu"] == r["next_mu"] == 2.0 and 0 <= r["saturated"] <= 1 and 0 <= r["underflow"] <= 1
+               for r in fixed[1:])
+    assert auto[0]["next_mu"] == 4.0 and [r["mu"] for r in auto[1:]] == [r["next_mu"] for r in auto[:-1]]
+    assert out.read_text().splitlines()[0].split(",") == [
+        "run", "recenter", "tensor", "numel", "bits", "mu", "saturated", "underflow", "next_mu", "full_grad_norm"]
+    # It collects the records only while it runs: the logger is as it found it.
+    logger = logging.getLogger("halp_fx")
+    assert not logger.isEnabledFor(logging.DEBUG) and logger.propagate

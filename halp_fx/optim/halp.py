@@ -16,6 +16,7 @@ first, it recenters through :mod:`halp_fx.recenter`, the same code as
 import contextlib
 import inspect
 import itertools
+import logging
 import types
 import warnings
 
@@ -24,7 +25,7 @@ import torch
 from .. import arguments, bit_centering
 from ..data import full_gradient_batches, has_batch_norm, warn_small_batch
 from ..errors import NonFiniteError
-from ..recenter import examples_in, first_mu, full_gradient, next_mus, recentered, warn_if_saturated
+from ..recenter import examples_in, first_mu, full_gradient, log, log_telemetry, next_mus, recentered, warn_if_saturated
 
 
 def inner_steps(groups):
@@ -177,6 +178,10 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
         with self._buffers_kept(closure):
             full_grads, norms = self._full_gradient(params, closure)
         mus = self._next_mus(params, group_of, bits)
+        if log.isEnabledFor(logging.DEBUG):
+            started = "steps_since_recenter" in self._counters
+            log_telemetry([f"param {i}" for i in range(len(params))], [p.numel() for p in params], bits,
+                          self.stats() if started else None, mus, norms)
         centered = recentered([p.detach().clone() for p in params], full_grads, norms, mus, bits)
         for p, (anchor, offset, scale), full_grad, mu in zip(params, centered, full_grads, mus):
             self.state[p].update(anchor=anchor, offset=offset, scale=scale, full_grad=full_grad)
