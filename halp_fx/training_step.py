@@ -173,7 +173,7 @@ class TrainingStep:
             steps = state.steps_since_recenter if state.recenters else 0
             mus = next_mus(list(state.mus.values()), list(self.offset.values()),
                            list(state[Role.UNDERFLOW].values()), steps, [self.bits] * n)
-        if log.isEnabledFor(logging.DEBUG):
+        if self.bits is not None and log.isEnabledFor(logging.DEBUG):  # SVRG (bits=None) has no grid to report on
             log_telemetry(list(self.anchor), [a.numel() for a in self.anchor.values()], [self.bits] * n,
                           list(self.stats().values()) if state.recenters else None, mus, norms, state.recenters)
         centered = recentered(list(weights.values()), full_grads, norms, mus, [self.bits] * n)

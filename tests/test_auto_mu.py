@@ -154,6 +154,13 @@ def test_the_first_recenter_logs_no_epoch_and_a_numeric_mu_logs_it_unchanged(cap
     assert all(t["mu"] == 2.0 and t["next_mu"] == 2.0 for t in second["tensors"].values())
 
 
+def test_svrg_has_no_grid_and_logs_no_telemetry(caplog):
+    step, data = make_step(bits=None, mu=0.1)
+    with caplog.at_level(logging.DEBUG, logger="halp_fx"):
+        run_epochs(step, data, 2)
+    assert not [r for r in caplog.records if hasattr(r, "halp_telemetry")]
+
+
 def test_transform_auto_is_deterministic():
     runs = []
     for _ in range(2):

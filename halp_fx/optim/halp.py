@@ -178,7 +178,7 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
         with self._buffers_kept(closure):
             full_grads, norms = self._full_gradient(params, closure)
         mus = self._next_mus(params, group_of, bits)
-        if log.isEnabledFor(logging.DEBUG):
+        if any(b is not None for b in bits) and log.isEnabledFor(logging.DEBUG):  # SVRG has no grid to report on
             started = "steps_since_recenter" in self._counters
             log_telemetry([f"param {i}" for i in range(len(params))], [p.numel() for p in params], bits,
                           self.stats() if started else None, mus, norms)
