@@ -92,7 +92,23 @@ def main(argv=None):
     rows = record(args.example, example_args)
     write_csv(args.out, rows)
     print(f"wrote {args.out}: {len(rows)} rows over {1 + max((r['run'] for r in rows), default=-1)} runs")
+    print("the fraction of all offsets at the bounds at each recenter (weighted by numel), per run:")
+    for line in saturation_lines(rows):
+        print(line)
     return rows
+
+
+def saturation_lines(rows):
+    """One line per run: its bits, the first epoch's mu, and the saturated fraction of all its tensors' offsets
+    at each recenter that ended an epoch."""
+    several = any(r["tensor"] == "all" for r in rows)
+    lines = []
+    for run in sorted({r["run"] for r in rows}):
+        first = next(r for r in rows if r["run"] == run)
+        ended = [r for r in rows if r["run"] == run and (r["tensor"] == "all") == several and r["saturated"] is not None]
+        lines.append(f"run {run}: {first['bits']} bits, first mu {first['next_mu']}: "
+                     + " ".join(f"{r['saturated']:.3f}" for r in ended))
+    return lines
 
 
 if __name__ == "__main__":
