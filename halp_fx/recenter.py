@@ -114,11 +114,12 @@ def next_mus(mus, offsets, underflow_sums, steps, bits):
 
 
 def log_telemetry(names, numels, bits, epoch, next_mus, norms, recenter=None):
-    """One DEBUG record of the ``halp_fx`` logger per recenter of a HALP step (callers check
-    ``log.isEnabledFor(DEBUG)`` first, as ``epoch`` costs a read of every offset; SVRG writes none): per tensor its ``numel`` and ``bits``, the ending epoch's ``mu``,
-    ``saturated`` and ``underflow`` (``epoch``: the caller's ``stats()`` rows, ``None`` at the first recenter, which
-    ends no epoch), the ``next_mu`` this recenter applies and the new ``full_grad_norm``. The record's
-    ``halp_telemetry`` attribute holds them, ``{"recenter": k or None, "tensors": {name: {...}}}``, for tools."""
+    """One DEBUG record of the ``halp_fx`` logger per recenter of a HALP step (SVRG writes none). Per tensor: its
+    ``numel`` and ``bits``, the ending epoch's ``mu``, ``saturated`` and ``underflow`` (``epoch``: the caller's
+    ``stats()`` rows; ``None`` at the first recenter, which ends no epoch), the ``next_mu`` this recenter applies
+    and the new ``full_grad_norm``. The record's ``halp_telemetry`` attribute holds them as
+    ``{"recenter": k or None, "tensors": {name: {...}}}``, for tools. Callers check ``log.isEnabledFor(DEBUG)``
+    first: ``epoch`` costs a read of every offset."""
     fields = ("mu", "saturated", "underflow")
     epoch = [dict.fromkeys(fields)] * len(names) if epoch is None else epoch
     tensors = {name: {"numel": numel, "bits": b, **{key: row.get(key) for key in fields}, "next_mu": next_mu,

@@ -270,9 +270,21 @@ def test_optimizer_recenters_log_the_same_telemetry(caplog):
         optimizer_epochs(model, opt, data, 2)
     first, second = [r.halp_telemetry for r in caplog.records if hasattr(r, "halp_telemetry")]
     params = [p for p in model.parameters()]
+    assert list(second["tensors"]) == [f"param {i}" for i in range(len(params))]  # no model passed: no names
     assert [t["numel"] for t in second["tensors"].values()] == [p.numel() for p in params]
     assert all(t["saturated"] is None and t["next_mu"] == 4.0 for t in first["tensors"].values())
     assert [t["next_mu"] for t in second["tensors"].values()] == [s["mu"] for s in opt.stats()]
+
+
+def test_optimizer_telemetry_names_the_parameters_of_the_model_it_was_given(caplog):
+    torch.manual_seed(0)
+    data, model = classification_data("mlp"), mlp()
+    opt = HALP(model.parameters(), lr=0.1, T=len(data), data_loader=data, mu="auto", bits=4, compile=False,
+               model=model)
+    with caplog.at_level(logging.DEBUG, logger="halp_fx"):
+        optimizer_epochs(model, opt, data, 1)
+    (telemetry,) = [r.halp_telemetry for r in caplog.records if hasattr(r, "halp_telemetry")]
+    assert list(telemetry["tensors"]) == [name for name, _ in model.named_parameters()]
 
 
 def test_optimizer_auto_is_per_group():

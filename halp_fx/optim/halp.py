@@ -180,7 +180,7 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
         mus = self._next_mus(params, group_of, bits)
         if any(b is not None for b in bits) and log.isEnabledFor(logging.DEBUG):  # SVRG has no grid to report on
             started = "steps_since_recenter" in self._counters
-            log_telemetry([f"param {i}" for i in range(len(params))], [p.numel() for p in params], bits,
+            log_telemetry(self._parameter_names(params), [p.numel() for p in params], bits,
                           self.stats() if started else None, mus, norms)
         centered = recentered([p.detach().clone() for p in params], full_grads, norms, mus, bits)
         for p, (anchor, offset, scale), full_grad, mu in zip(params, centered, full_grads, mus):
@@ -191,6 +191,11 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
         # The seed sits in the high 32 bits, as in the core: the counter alone is the rounding noise's state.
         counters.setdefault("rounding_counter", torch.tensor(self.seed << 32, dtype=torch.int64, device=params[0].device))
         counters["steps_since_recenter"] = 0
+
+    def _parameter_names(self, params):
+        """The names ``model.named_parameters()`` gives ``params`` when a model was passed, else ``param <i>``."""
+        named = {id(p): name for name, p in self.model.named_parameters()} if self.model is not None else {}
+        return [named.get(id(p), f"param {i}") for i, p in enumerate(params)]
 
     def _next_mus(self, params, group_of, bits):
         """Each tensor's mu for this recenter: its group's, or under ``mu="auto"`` :func:`next_mu` of its own."""
