@@ -236,3 +236,10 @@ def test_the_examples_built_on_common_turn_on_halp_fx_info_lines(tmp_path):
     import regression
     regression.main(["--samples", "4", "--epochs", "1", "--out", str(tmp_path)])
     assert logging.getLogger("halp_fx").isEnabledFor(logging.INFO)
+
+
+def test_the_examples_keep_a_debug_level_set_before_them(tmp_path):
+    import regression
+    logging.getLogger("halp_fx").setLevel(logging.DEBUG)
+    regression.main(["--samples", "4", "--epochs", "1", "--out", str(tmp_path)])
+    assert logging.getLogger("halp_fx").isEnabledFor(logging.DEBUG)
