@@ -39,6 +39,8 @@ def parse_args(argv=None):
                              "magnitude (default: 4)")
     parser.add_argument("--sweep-mu", type=str, default=None,
                         help="comma-separated mu values ('auto' among them): run only HALP 8- and 4-bit, once per mu, write mu_sweep.csv")
+    parser.add_argument("--sweep-bits", type=lambda t: [int(b) for b in t.split(",")], default=None,
+                        help="comma-separated widths --sweep-mu runs (default: 8,4)")
     parser.add_argument("--int8", action="store_true",
                         help="also run HALP 8-bit with arithmetic='int8' (set HALP_FX_INT8_PRODUCTS=always on a CPU "
                              "without VNNI/AMX, where its products otherwise stay float32)")

@@ -184,3 +184,36 @@ def test_auto_mu_telemetry_records_every_recenter_of_every_run(tmp_path):
     # It collects the records only while it runs: the logger is as it found it.
     logger = logging.getLogger("halp_fx")
     assert not logger.isEnabledFor(logging.DEBUG) and logger.propagate
+
+
+def test_band_prototype_moves_mu_by_the_underflow_band_and_puts_the_library_rule_back(tmp_path):
+    from benchmarks import auto_mu_band_prototype as prototype
+    from halp_fx import recenter, training_step
+    assert prototype.band_factor(0.0, 0.90) == 0.5    # steps above half a grid step: coarser
+    assert prototype.band_factor(0.30, 0.999) == 0.5  # saturated: coarser
+    assert prototype.band_factor(0.0, 0.999) == 2.0   # nearly every step rounds away: finer
+    assert prototype.band_factor(0.0, 0.97) == 1.0    # inside the band: stays
+    rows = prototype.main(["--runs", "band_with_probes", "--examples", "regression", "--out", str(tmp_path / "b.csv"),
+                           "--example-args", "--samples 16 --epochs 2"])
+    assert [(r["example"], r["bits"]) for r in rows] == [("regression", 4), ("regression", 8)]
+    assert all(r["metric"] == "final_distance" and r["value"] > 0 for r in rows)
+    assert training_step.next_mus is recenter.next_mus
+    assert training_step.TrainingStep.__call__.__name__ == "__call__" and recenter.first_mu(4) == 4.0
+
+
+def test_band_prototype_probes_recenter_three_times_early_in_the_first_epoch():
+    from benchmarks import auto_mu_band_prototype as prototype
+    import halp_fx
+    torch.manual_seed(0)
+    data = [(torch.randn(4, 3), torch.randn(4, 1)) for _ in range(16)]
+
+    def recenters_after_one_epoch(mu, probes):
+        step = halp_fx.transform(torch.nn.Linear(3, 1), 4, loss_fn=torch.nn.functional.mse_loss, data_loader=data,
+                                 lr=0.01, T=16, mu=mu, compile=False)
+        with prototype.band_rule(probes=probes):
+            for batch in data:
+                step(*batch)
+        return step.state.recenters
+    assert recenters_after_one_epoch("auto", probes=True) == 1 + prototype.PROBES  # after 2, 4 and 6 steps
+    assert recenters_after_one_epoch("auto", probes=False) == 1
+    assert recenters_after_one_epoch(2.0, probes=True) == 1  # a numeric mu has nothing to calibrate
