@@ -43,14 +43,19 @@ UNDERFLOW_BAND = (0.95, 0.99)
 SATURATED_ABOVE, REFINE_SATURATED_AT_MOST = 0.25, 0.05
 PROBES, PROBE_FRACTION = 3, 8
 
-# example: (its metric column, its arguments for one HALP run under mu="auto" at `bits` with `seed`)
+# name: (the example's module, its metric column, its arguments for one HALP run under mu="auto" at `bits`
+# with `seed`)
 EXAMPLES = {
-    "regression": ("final_distance", lambda bits, seed: ["--bits", str(bits), "--seed", str(seed)]),
-    "digits": ("test_accuracy", lambda bits, seed: ["--sweep-bits", str(bits), "--seed", str(seed)]),
-    "char_lstm": ("val_perplexity", lambda bits, seed: ["--bits", str(bits), "--seed", str(seed)]),
-    "fashion_mnist": ("test_accuracy", lambda bits, seed: ["--sweep-bits", str(bits), "--seed", str(seed)]),
+    "regression": ("regression", "final_distance", lambda bits, seed: ["--bits", str(bits), "--seed", str(seed)]),
+    "digits": ("digits", "test_accuracy", lambda bits, seed: ["--sweep-bits", str(bits), "--seed", str(seed)]),
+    "char_lstm": ("char_lstm", "val_perplexity", lambda bits, seed: ["--bits", str(bits), "--seed", str(seed)]),
+    "fashion_mnist": ("fashion_mnist", "test_accuracy",
+                      lambda bits, seed: ["--sweep-bits", str(bits), "--seed", str(seed)]),
+    "fashion_mnist_full": ("fashion_mnist", "test_accuracy",
+                           lambda bits, seed: ["--full", "--sweep-bits", str(bits), "--seed", str(seed)]),
 }
-BEST_FIXED_MU_AT_4_BITS = {"regression": 2.0, "digits": 8.0, "char_lstm": 1.0, "fashion_mnist": 4.0}
+BEST_FIXED_MU_AT_4_BITS = {"regression": 2.0, "digits": 8.0, "char_lstm": 1.0, "fashion_mnist": 4.0,
+                           "fashion_mnist_full": 4.0}
 # The runs docs/examples.md quotes: (example, bits, seeds) per set.
 RUNS = {
     "band": [("regression", 4, [0]), ("digits", 4, range(5)), ("char_lstm", 4, range(4)),
@@ -58,7 +63,7 @@ RUNS = {
     "band_from_best": [("digits", 4, range(4)), ("char_lstm", 4, range(2))],
     "band_with_probes": [("regression", 4, [0]), ("digits", 4, range(5)), ("char_lstm", 4, range(10)),
                          ("fashion_mnist", 4, [0]), ("regression", 8, [0]), ("digits", 8, range(5)),
-                         ("char_lstm", 8, range(3))],
+                         ("char_lstm", 8, range(3)), ("fashion_mnist_full", 4, [0])],
 }
 
 
@@ -111,9 +116,8 @@ def band_rule(first=None, probes=False):
 
 def run_one(example, bits, seed, extra_args, out):
     """Train ``example``'s HALP once under ``mu="auto"``; return its metric and final mus."""
-    metric, arguments = EXAMPLES[example]
-    importlib.import_module(example).main(["--sweep-mu", "auto", *arguments(bits, seed), *extra_args,
-                                           "--out", out])
+    module, metric, arguments = EXAMPLES[example]
+    importlib.import_module(module).main(["--sweep-mu", "auto", *arguments(bits, seed), *extra_args, "--out", out])
     with open(os.path.join(out, "mu_sweep.csv"), newline="") as f:
         (row,) = [r for r in csv.DictReader(f) if r.get("bits", str(bits)) == str(bits)]
     return float(row[metric]), row.get("final_mus", "")
@@ -122,7 +126,8 @@ def run_one(example, bits, seed, extra_args, out):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", choices=sorted(RUNS), required=True, help="which set of runs")
-    parser.add_argument("--examples", default=",".join(EXAMPLES), help="comma-separated subset of the examples")
+    parser.add_argument("--examples", default=",".join(EXAMPLES),
+                        help=f"comma-separated subset of {', '.join(EXAMPLES)} (default: all)")
     parser.add_argument("--data", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST's folder")
     parser.add_argument("--example-args", default="", help="more arguments for every example (tests shorten runs)")
     parser.add_argument("--out", required=True, help="the CSV to write")
@@ -132,14 +137,14 @@ def main(argv=None):
     for example, bits, seeds in RUNS[args.runs]:
         if example not in wanted:
             continue
-        extra = args.example_args.split() + (["--data", args.data] if example == "fashion_mnist" else [])
+        extra = args.example_args.split() + (["--data", args.data] if example.startswith("fashion_mnist") else [])
         first = BEST_FIXED_MU_AT_4_BITS[example] if args.runs == "band_from_best" else None
         for seed in seeds:
             with band_rule(first=first, probes=args.runs == "band_with_probes"), \
                     tempfile.TemporaryDirectory() as out:
                 value, final_mus = run_one(example, bits, seed, extra, out)
             rows.append({"runs": args.runs, "example": example, "bits": bits, "seed": seed,
-                         "metric": EXAMPLES[example][0], "value": value, "final_mus": final_mus})
+                         "metric": EXAMPLES[example][1], "value": value, "final_mus": final_mus})
             print(rows[-1], flush=True)
     write_csv(args.out, rows)
     return rows
