@@ -34,7 +34,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for path in (ROOT, os.path.join(ROOT, "examples")):
     if path not in sys.path:
         sys.path.insert(0, path)
-import torch  # noqa: E402
 
 from common import write_csv  # noqa: E402
 from halp_fx import bit_centering, recenter, training_step  # noqa: E402
@@ -81,7 +80,7 @@ def band_next_mus(mus, offsets, underflow_sums, steps, bits):
     if steps == 0:
         return list(mus)
     sizes = [z.numel() for z in offsets]
-    underflow = (torch.stack(list(underflow_sums)).double() / steps).tolist()
+    underflow = recenter.underflow_fractions(underflow_sums, steps)
     saturated = bit_centering.saturated_fractions(list(offsets), bits[0]).tolist()
 
     def weighted(values):

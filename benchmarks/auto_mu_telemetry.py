@@ -8,9 +8,8 @@ Runs ``examples/<example>.py``'s ``main`` with the arguments after ``--`` and th
 (:func:`halp_fx.recenter.log_telemetry`). One CSV row per (run, recenter,
 tensor): the epoch's mu, saturation and underflow, the mu the recenter chose,
 the new full-gradient norm; plus one row per (run, recenter) for all tensors
-together where there are several (``tensor`` = ``all``: fractions weighted by numel, the norm over
-all).
-A run is one HALP training: it begins at its recenter 0. The example writes its
+together where there are several (``tensor`` = ``all``: fractions weighted by
+numel, the norm over all). A run is one HALP training: it begins at its recenter 0. The example writes its
 own results (the final accuracy or perplexity of each mu) under its ``--out``,
 in the order of the runs.
 """

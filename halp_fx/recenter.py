@@ -100,12 +100,17 @@ def next_mu(mu, saturated, underflow):
     return mu
 
 
+def underflow_fractions(underflow_sums, steps):
+    """Each tensor's underflow, the mean over ``steps`` steps, from its running sum (0-d tensors): a list of floats."""
+    return (torch.stack(list(underflow_sums)).double() / steps).tolist()
+
+
 def next_mus(mus, offsets, underflow_sums, steps, bits):
     """:func:`next_mu` for every tensor, from its offsets and its underflow sum over ``steps`` steps.
     ``bits`` is one value per tensor; a tensor with ``bits=None`` keeps its mu."""
     if steps == 0:
         return list(mus)
-    underflows = (torch.stack(list(underflow_sums)).double() / steps).tolist()
+    underflows = underflow_fractions(underflow_sums, steps)
     saturations = {}
     for b in {b for b in bits if b is not None}:
         group = [i for i, bb in enumerate(bits) if bb == b]

@@ -21,7 +21,7 @@ from .data import full_gradient_batches, has_batch_norm, warn_small_batch
 from .errors import NonFiniteError
 from .programs import Programs
 from .recenter import (examples_in, full_gradient, log, log_telemetry, next_mus, recentered, saturated_fraction,
-                       warn_if_saturated)
+                       underflow_fractions, warn_if_saturated)
 from .roles import Role
 from .state import HalpState
 
@@ -213,7 +213,7 @@ class TrainingStep:
         scales = torch.stack(list(self.scale.values())).tolist()
         saturated = bit_centering.saturated_fractions(list(self.offset.values()), self.bits).tolist()
         steps = max(self.state.steps_since_recenter, 1)
-        underflow = (torch.stack(list(self.state[Role.UNDERFLOW].values())).double() / steps).tolist()
+        underflow = underflow_fractions(self.state[Role.UNDERFLOW].values(), steps)
         mus = list(self.state.mus.values()) if self.state.auto_mu else [self.mu] * len(scales)
         return {n: {"mu": mu, "scale": scale, "saturated": fraction, "underflow": low}
                 for n, mu, scale, fraction, low in zip(self.anchor, mus, scales, saturated, underflow)}
