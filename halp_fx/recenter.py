@@ -2,11 +2,13 @@
 
 ``A <- W``; ``G`` = the mean gradient over the data at ``A``, each batch weighted
 by its number of examples; ``d = ||G|| / (mu * (2**(bits-1) - 1))``; ``Z <- 0``.
-With ``mu="auto"`` each tensor's mu is first moved by :func:`next_mu`.
+With ``mu="auto"`` each tensor's mu is first moved by :func:`next_mus`, and below
+8 bits three more recenters come early in the first epoch (:func:`recenter_due`).
 The callers differ only in how they compute one batch's gradient (a compiled
 graph, or the user's closure), which they pass in as ``gradient_of``.
 """
 import logging
+import math
 import warnings
 
 import torch
@@ -64,13 +66,22 @@ def full_gradient(batches, gradient_of, reduce=None):
 # mu="auto": each tensor's mu moves by one factor per recenter, from the telemetry of the epoch that ends there.
 AUTO_MU_FACTOR = 2.0
 AUTO_MU_BOUNDS = (0.25, 64.0)
-# Coarsen when more than a quarter of a tensor's offsets sit at the bounds ...
+# From 8 bits up, each tensor on its own (next_mu): coarsen when more than a quarter of its offsets sit at the
+# bounds ...
 SATURATED_ABOVE = 0.25
 # ... refine when at most 5% do and more than 90% of its steps were below half a grid step. Not half: gradients
 # are heavy-tailed, so on a good grid most entries of a large tensor still take sub-grid steps (the char LSTM's
 # output layer at its best mu, 1 at 8 bits: 50-76%), and refining it there costs perplexity.
 REFINE_SATURATED_AT_MOST = 0.05
 UNDERFLOW_ABOVE = 0.9
+# Below 8 bits, all tensors of a width together (band_factor): at every example's best 4-bit grid 95-99% of the
+# steps fall below half a grid step (docs/examples.md, "The telemetry at fixed mus"); refine above the band,
+# coarsen below it.
+BAND_BELOW_BITS = 8
+UNDERFLOW_BAND = (0.95, 0.99)
+# ... and, so that the first epoch is not spent on the default grid, PROBES more recenters early in the first
+# epoch, each after 1/PROBE_FRACTION of T steps.
+PROBES, PROBE_FRACTION = 3, 8
 
 
 def first_mu(bits):
@@ -81,8 +92,13 @@ def first_mu(bits):
     return min(2.0 ** max(0, (8 - bits) // 2), AUTO_MU_BOUNDS[1])
 
 
+def uses_band(bits):
+    """Whether ``mu="auto"`` at ``bits`` uses the band rule and its early recenters (below 8 bits)."""
+    return bits is not None and bits < BAND_BELOW_BITS
+
+
 def next_mu(mu, saturated, underflow):
-    """The rule of ``mu="auto"``, applied to each tensor at every recenter after the first.
+    """The rule of ``mu="auto"`` from 8 bits up, applied to each tensor at every recenter after the first.
 
     ``saturated`` is the fraction of the tensor's offsets at the integer bounds just before the recenter,
     ``underflow`` the mean over the epoch's steps of the fraction of its entries whose step ``|lr*u/d|`` was below
@@ -90,14 +106,30 @@ def next_mu(mu, saturated, underflow):
     is too fine for the steps taken: mu is halved. Steps lost in rounding with nothing clipped say it is too
     coarse: mu is doubled. Otherwise it stays; always within :data:`AUTO_MU_BOUNDS`.
     """
-    low, high = AUTO_MU_BOUNDS
     if underflow is None:
         return mu
     if saturated > SATURATED_ABOVE:
-        return max(mu / AUTO_MU_FACTOR, low)
+        return _moved(mu, 1 / AUTO_MU_FACTOR)
     if saturated <= REFINE_SATURATED_AT_MOST and underflow > UNDERFLOW_ABOVE:
-        return min(mu * AUTO_MU_FACTOR, high)
+        return _moved(mu, AUTO_MU_FACTOR)
     return mu
+
+
+def band_factor(saturated, underflow):
+    """The move of ``mu="auto"`` below 8 bits, from the size-weighted ``saturated`` and ``underflow`` of all the
+    tensors of one width: halve mu when more than a quarter of the offsets are saturated or fewer than 95% of the
+    steps underflow (the grid is finer than the best grids run); double it when more than 99% underflow and at most
+    5% are saturated (coarser); else keep it. Returns the factor."""
+    if saturated > SATURATED_ABOVE or underflow < UNDERFLOW_BAND[0]:
+        return 1 / AUTO_MU_FACTOR
+    if saturated <= REFINE_SATURATED_AT_MOST and underflow > UNDERFLOW_BAND[1]:
+        return AUTO_MU_FACTOR
+    return 1.0
+
+
+def _moved(mu, factor):
+    low, high = AUTO_MU_BOUNDS
+    return min(max(mu * factor, low), high)
 
 
 def underflow_fractions(underflow_sums, steps):
@@ -106,16 +138,49 @@ def underflow_fractions(underflow_sums, steps):
 
 
 def next_mus(mus, offsets, underflow_sums, steps, bits):
-    """:func:`next_mu` for every tensor, from its offsets and its underflow sum over ``steps`` steps.
-    ``bits`` is one value per tensor; a tensor with ``bits=None`` keeps its mu."""
+    """Every tensor's mu for a recenter, from its offsets and its underflow sum over the ``steps`` steps since the
+    last one (none: the mus stay). ``bits`` is one value per tensor; a tensor with ``bits=None`` keeps its mu. From 8
+    bits up each tensor moves by :func:`next_mu`; the tensors of a width below 8 move together by
+    :func:`band_factor` of their telemetry, weighted by size."""
     if steps == 0:
         return list(mus)
     underflows = underflow_fractions(underflow_sums, steps)
-    saturations = {}
+    out = list(mus)
     for b in {b for b in bits if b is not None}:
         group = [i for i, bb in enumerate(bits) if bb == b]
-        saturations.update(zip(group, bit_centering.saturated_fractions([offsets[i] for i in group], b).tolist()))
-    return [next_mu(mu, saturations[i], underflows[i]) if i in saturations else mu for i, mu in enumerate(mus)]
+        saturated = bit_centering.saturated_fractions([offsets[i] for i in group], b).tolist()
+        if uses_band(b):
+            sizes = [offsets[i].numel() for i in group]
+            factor = band_factor(_weighted(saturated, sizes), _weighted([underflows[i] for i in group], sizes))
+            for i in group:
+                out[i] = _moved(mus[i], factor)
+        else:
+            for i, s in zip(group, saturated):
+                out[i] = next_mu(mus[i], s, underflows[i])
+    return out
+
+
+def _weighted(values, sizes):
+    return sum(v * n for v, n in zip(values, sizes)) / max(sum(sizes), 1)
+
+
+def recenter_due(steps_since_recenter, T, band, steps_taken):
+    """Whether a step recenters before it runs: after ``T`` steps, and with ``band`` (``mu="auto"`` below 8 bits)
+    also after ``ceil(T/8)`` while no more than ``PROBES * ceil(T/8)`` steps were taken in all. So the first epoch
+    is cut by :data:`PROBES` early recenters, each of which may move mu; the later epochs are ``T`` steps long.
+    ``steps_taken()`` (called only when needed: it may read a device) counts the committed steps since the first
+    recenter, the low 32 bits of the rounding counter, so a checkpoint needs no more state."""
+    if steps_since_recenter >= T:
+        return True
+    if not band:
+        return False
+    every = math.ceil(T / PROBE_FRACTION)
+    return steps_since_recenter >= every and steps_taken() <= PROBES * every
+
+
+def steps_taken(rounding_counter):
+    """The committed steps a rounding counter has counted (its low 32 bits; the seed is in the high 32)."""
+    return int(rounding_counter) & 0xFFFFFFFF
 
 
 def log_telemetry(names, numels, bits, epoch, next_mus, norms, recenter=None):

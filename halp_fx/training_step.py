@@ -20,8 +20,8 @@ from .capture import signature_of
 from .data import full_gradient_batches, has_batch_norm, warn_small_batch
 from .errors import NonFiniteError
 from .programs import Programs
-from .recenter import (examples_in, full_gradient, log, log_telemetry, next_mus, recentered, saturated_fraction,
-                       underflow_fractions, warn_if_saturated)
+from .recenter import (examples_in, full_gradient, log, log_telemetry, next_mus, recenter_due, recentered,
+                       saturated_fraction, steps_taken, underflow_fractions, uses_band, warn_if_saturated)
 from .roles import Role
 from .state import HalpState
 
@@ -109,7 +109,9 @@ class TrainingStep:
     def __call__(self, *batch):
         batch = self._batch(batch, stacklevel=3)
         state = self.state
-        if state.recenters == 0 or (self.T is not None and state.steps_since_recenter >= self.T):
+        if state.recenters == 0 or (self.T is not None and recenter_due(
+                state.steps_since_recenter, self.T, state.auto_mu and uses_band(self.bits),
+                lambda: steps_taken(state.rounding_counter))):
             self._recenter(None if self.data_loader is not None else [batch])
         entry = self._entry(batch)
         sources = self._sources(batch)

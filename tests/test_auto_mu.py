@@ -1,8 +1,12 @@
 """mu="auto": each tensor's mu is chosen at every recenter from the last epoch's saturation and underflow.
 
-The rule (halp_fx.recenter.next_mu): more than 25% of a tensor's offsets at the bounds halves its mu (a coarser
-grid); at most 5% at the bounds and more than 90% of its steps below half a grid step doubles it (a finer
-grid); mu stays within [0.25, 64]; the first epoch uses 1 at 8 bits, 4 at 4 bits.
+From 8 bits up each tensor moves on its own (halp_fx.recenter.next_mu): more than 25% of its offsets at the bounds
+halves its mu (a coarser grid); at most 5% at the bounds and more than 90% of its steps below half a grid step
+doubles it (a finer grid). Below 8 bits the tensors of a width move together (halp_fx.recenter.band_factor), from
+their saturation and underflow weighted by size: halved when more than 25% are saturated or fewer than 95% of the
+steps underflow, doubled when more than 99% underflow and at most 5% are saturated; and the first epoch is cut by
+three early recenters, ceil(T/8) steps apart. mu stays within [0.25, 64]; the first epoch uses 1 at 8 bits, 4 at
+4 bits.
 """
 import copy
 import logging
@@ -76,6 +80,46 @@ def test_without_steps_since_the_last_recenter_mu_stays():
     assert recenter.next_mu(2.0, saturated=0.5, underflow=None) == 2.0
 
 
+def test_below_8_bits_a_grid_finer_than_the_band_coarsens_and_one_coarser_refines():
+    assert recenter.band_factor(saturated=0.0, underflow=0.9) == 0.5
+    assert recenter.band_factor(saturated=0.3, underflow=0.999) == 0.5
+    assert recenter.band_factor(saturated=0.0, underflow=0.995) == 2.0
+    assert recenter.band_factor(saturated=0.1, underflow=0.995) == 1.0
+    assert recenter.band_factor(saturated=0.0, underflow=0.97) == 1.0
+
+
+def test_below_8_bits_the_tensors_of_a_width_move_together_by_their_size_weighted_telemetry():
+    def offsets(bits):  # a large tensor near the anchor and a one-entry one at its upper bound
+        return [torch.zeros(199, dtype=torch.int8), torch.full((1,), 2 ** (bits - 1) - 1, dtype=torch.int8)]
+    # Over 10 steps the large tensor's steps all underflowed, the small one's none: by size, 99.5% underflow.
+    sums = [torch.tensor(10.0), torch.tensor(0.0)]
+    assert recenter.next_mus([4.0, 4.0], offsets(4), sums, 10, [4, 4]) == [8.0, 8.0]
+    # At 8 bits the same telemetry moves each tensor on its own: the saturated one coarsens.
+    assert recenter.next_mus([4.0, 4.0], offsets(8), sums, 10, [8, 8]) == [8.0, 2.0]
+    # Widths move apart, and bits=None keeps its mu.
+    mixed = [offsets(4)[0], offsets(8)[1], torch.zeros(3)]
+    assert recenter.next_mus([4.0, 4.0, 0.1], mixed, sums + [torch.tensor(0.0)], 10, [4, 8, None]) == [8.0, 2.0, 0.1]
+
+
+def recenters_at(T, band, steps=100):
+    """The steps (counted from the first recenter) before which a step recenters, by recenter_due."""
+    since, at = 0, []
+    for taken in range(steps):
+        if recenter.recenter_due(since, T, band, lambda: taken):
+            at.append(taken)
+            since = 0
+        since += 1
+    return at
+
+
+def test_below_8_bits_the_first_epoch_has_three_early_recenters():
+    # T=40: after 5, 10 and 15 steps, then every 40.
+    assert recenters_at(40, band=True) == [5, 10, 15, 55, 95]
+    assert recenters_at(40, band=False) == [40, 80]
+    assert recenters_at(6, band=True, steps=20) == [1, 2, 3, 9, 15]
+    assert recenters_at(1, band=True, steps=5) == [1, 2, 3, 4]
+
+
 def test_the_first_epoch_mu_is_1_at_8_bits_and_4_at_4_bits():
     assert [recenter.first_mu(b) for b in (16, 8, 6, 4, 2)] == [1.0, 1.0, 2.0, 4.0, 8.0]
 
@@ -127,13 +171,13 @@ def test_transform_stats_report_mu_saturation_and_underflow_per_tensor():
 def test_each_recenter_logs_the_epochs_telemetry_and_the_mu_it_chose_at_debug_level(caplog):
     step, data = make_step(bits=4)
     run_epochs(step, data, 1)
-    before = step.stats()
+    before, recenters = step.stats(), step.recenters
     with caplog.at_level(logging.DEBUG, logger="halp_fx"):
         step.recenter()
     records = [r for r in caplog.records if hasattr(r, "halp_telemetry")]
-    assert len(records) == 1 and "recenter 1" in records[0].getMessage()
+    assert len(records) == 1 and f"recenter {recenters}:" in records[0].getMessage()
     telemetry = records[0].halp_telemetry
-    assert telemetry["recenter"] == 1
+    assert telemetry["recenter"] == recenters
     after = step.stats()
     assert list(telemetry["tensors"]) == list(after)
     for name, logged in telemetry["tensors"].items():
@@ -159,6 +203,32 @@ def test_svrg_has_no_grid_and_logs_no_telemetry(caplog):
     with caplog.at_level(logging.DEBUG, logger="halp_fx"):
         run_epochs(step, data, 2)
     assert not [r for r in caplog.records if hasattr(r, "halp_telemetry")]
+
+
+def test_transform_recenters_three_times_early_below_8_bits_only_under_auto():
+    counts = {}
+    for bits, mu in [(4, "auto"), (8, "auto"), (4, 2.0)]:
+        step, data = make_step(bits=bits, mu=mu)  # 6 batches: T=6, so the early recenters come 1 step apart
+        run_epochs(step, data, 2)
+        counts[bits, mu] = step.recenters
+    assert counts == {(4, "auto"): 5, (8, "auto"): 2, (4, 2.0): 2}
+
+
+def test_transform_resumed_in_the_first_epoch_keeps_its_early_recenters_bit_exact():
+    step, data = make_step(bits=4, data=classification_data("mlp", samples=128))  # T=16: early recenters every 2
+    run_epochs(step, data[:3], 1)  # between the first and the second early recenter
+    saved = step.state_dict()
+    run_epochs(step, data, 2)
+    expected = step.state_dict()
+
+    resumed, _ = make_step(bits=4, data=data)
+    resumed(*data[0])
+    resumed.load_state_dict(saved)
+    run_epochs(resumed, data, 2)
+    assert resumed.recenters == step.recenters == 5  # after 0, 2, 4, 6 and 22 steps
+    got = resumed.state_dict()
+    for key, value in expected.items():
+        assert torch.equal(value, got[key]) if isinstance(value, torch.Tensor) else value == got[key], key
 
 
 def test_transform_auto_is_deterministic():
@@ -268,7 +338,9 @@ def test_optimizer_recenters_log_the_same_telemetry(caplog):
     model, opt, data = make_optimizer(bits=4)
     with caplog.at_level(logging.DEBUG, logger="halp_fx"):
         optimizer_epochs(model, opt, data, 2)
-    first, second = [r.halp_telemetry for r in caplog.records if hasattr(r, "halp_telemetry")]
+    records = [r.halp_telemetry for r in caplog.records if hasattr(r, "halp_telemetry")]
+    assert len(records) == 5  # T=6: at steps 0, 1, 2 and 3 (three early recenters at 4 bits), then 9
+    first, second = records[0], records[-1]
     params = [p for p in model.parameters()]
     assert list(second["tensors"]) == [f"param {i}" for i in range(len(params))]  # no model passed: no names
     assert [t["numel"] for t in second["tensors"].values()] == [p.numel() for p in params]
@@ -283,8 +355,8 @@ def test_optimizer_telemetry_names_the_parameters_of_the_model_it_was_given(capl
                model=model)
     with caplog.at_level(logging.DEBUG, logger="halp_fx"):
         optimizer_epochs(model, opt, data, 1)
-    (telemetry,) = [r.halp_telemetry for r in caplog.records if hasattr(r, "halp_telemetry")]
-    assert list(telemetry["tensors"]) == [name for name, _ in model.named_parameters()]
+    records = [r.halp_telemetry for r in caplog.records if hasattr(r, "halp_telemetry")]
+    assert records and all(list(t["tensors"]) == [name for name, _ in model.named_parameters()] for t in records)
 
 
 def test_optimizer_auto_is_per_group():
@@ -296,7 +368,8 @@ def test_optimizer_auto_is_per_group():
                data_loader=data, compile=False)
     optimizer_epochs(model, opt, data, 1)
     stats = opt.stats()
-    assert [s["mu"] for s in stats] == [4.0, 4.0, 0.5, 0.5]
+    # The 4-bit group's two tensors moved together from 4 (the early recenters); the numeric group kept its mu.
+    assert stats[0]["mu"] == stats[1]["mu"] != 4.0 and [s["mu"] for s in stats[2:]] == [0.5, 0.5]
     assert stats[0]["underflow"] is not None and stats[2]["underflow"] is None
     assert "mu" not in opt.state[second[0]] and "underflow" not in opt.state[second[0]]
 
@@ -311,6 +384,25 @@ def test_optimizer_checkpoint_round_trip_with_auto_is_bit_exact():
     expected_mus = [s["mu"] for s in opt.stats()]
 
     model2, opt2, _ = make_optimizer(bits=4)
+    model2.load_state_dict(saved_model)
+    opt2.load_state_dict(saved_opt)
+    optimizer_epochs(model2, opt2, data, 2)
+    assert all(torch.equal(a, b) for a, b in zip(expected, model2.parameters()))
+    assert [s["mu"] for s in opt2.stats()] == expected_mus
+
+
+def test_optimizer_resumed_in_the_first_epoch_keeps_its_early_recenters_bit_exact(caplog):
+    data = classification_data("mlp", samples=128)
+    model, opt, _ = make_optimizer(bits=4, data=data)
+    optimizer_epochs(model, opt, data[:3], 1)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    with caplog.at_level(logging.DEBUG, logger="halp_fx"):
+        optimizer_epochs(model, opt, data, 2)
+    expected = [p.detach().clone() for p in model.parameters()]
+    expected_mus = [s["mu"] for s in opt.stats()]
+    assert len([r for r in caplog.records if hasattr(r, "halp_telemetry")]) == 3  # after 4 and 6 steps (early), then 22
+
+    model2, opt2, _ = make_optimizer(bits=4, data=data)
     model2.load_state_dict(saved_model)
     opt2.load_state_dict(saved_opt)
     optimizer_epochs(model2, opt2, data, 2)

@@ -173,7 +173,8 @@ def test_auto_mu_telemetry_records_every_recenter_of_every_run(tmp_path):
     out = tmp_path / "telemetry.csv"
     rows = auto_mu_telemetry.main(["regression", "--out", str(out), "--", "--bits", "4", "--samples", "10",
                                    "--epochs", "3", "--sweep-mu", "2,auto", "--out", str(tmp_path / "example")])
-    assert [(r["run"], r["recenter"]) for r in rows] == [(run, k) for run in (0, 1) for k in range(3)]
+    # mu="auto" at 4 bits recenters three more times, early in the first epoch.
+    assert [(r["run"], r["recenter"]) for r in rows] == [(0, k) for k in range(3)] + [(1, k) for k in range(6)]
     fixed, auto = rows[:3], rows[3:]
     assert fixed[0]["mu"] is None and fixed[0]["saturated"] is None  # the first recenter ends no epoch
     assert all(r["mu"] == r["next_mu"] == 2.0 and 0 <= r["saturated"] <= 1 and 0 <= r["underflow"] <= 1
@@ -186,34 +187,15 @@ def test_auto_mu_telemetry_records_every_recenter_of_every_run(tmp_path):
     assert not logger.isEnabledFor(logging.DEBUG) and logger.propagate
 
 
-def test_band_prototype_moves_mu_by_the_underflow_band_and_puts_the_library_rule_back(tmp_path):
-    from benchmarks import auto_mu_band_prototype as prototype
-    from halp_fx import recenter, training_step
-    assert prototype.band_factor(0.0, 0.90) == 0.5    # steps above half a grid step: coarser
-    assert prototype.band_factor(0.30, 0.999) == 0.5  # saturated: coarser
-    assert prototype.band_factor(0.0, 0.999) == 2.0   # nearly every step rounds away: finer
-    assert prototype.band_factor(0.0, 0.97) == 1.0    # inside the band: stays
-    rows = prototype.main(["--runs", "band_with_probes", "--examples", "regression", "--out", str(tmp_path / "b.csv"),
-                           "--example-args", "--samples 16 --epochs 2"])
-    assert [(r["example"], r["bits"]) for r in rows] == [("regression", 4), ("regression", 8)]
-    assert all(r["metric"] == "final_distance" and r["value"] > 0 for r in rows)
-    assert training_step.next_mus is recenter.next_mus
-    assert training_step.TrainingStep.__call__.__name__ == "__call__" and recenter.first_mu(4) == 4.0
-
-
-def test_band_prototype_probes_recenter_three_times_early_in_the_first_epoch():
-    from benchmarks import auto_mu_band_prototype as prototype
-    import halp_fx
-    torch.manual_seed(0)
-    data = [(torch.randn(4, 3), torch.randn(4, 1)) for _ in range(16)]
-
-    def recenters_after_one_epoch(mu, probes):
-        step = halp_fx.transform(torch.nn.Linear(3, 1), 4, loss_fn=torch.nn.functional.mse_loss, data_loader=data,
-                                 lr=0.01, T=16, mu=mu, compile=False)
-        with prototype.band_rule(probes=probes):
-            for batch in data:
-                step(*batch)
-        return step.state.recenters
-    assert recenters_after_one_epoch("auto", probes=True) == 1 + prototype.PROBES  # after 2, 4 and 6 steps
-    assert recenters_after_one_epoch("auto", probes=False) == 1
-    assert recenters_after_one_epoch(2.0, probes=True) == 1  # a numeric mu has nothing to calibrate
+def test_auto_mu_seeds_writes_one_row_per_seed_and_their_mean(tmp_path):
+    from benchmarks import auto_mu_seeds
+    out = tmp_path / "regression.csv"
+    rows = auto_mu_seeds.main(["--example", "regression", "--bits", "4", "--seeds", "0,1", "--out", str(out),
+                               "--example-args", "--samples 16 --epochs 2"])
+    assert [(r["example"], r["bits"], r["seed"]) for r in rows] == [("regression", 4, 0), ("regression", 4, 1),
+                                                                    ("regression", 4, "mean")]
+    assert all(r["mu"] == "auto" for r in rows[:2])
+    distances = [float(r["final_distance"]) for r in rows]
+    assert distances[0] != distances[1] and distances[2] == pytest.approx(sum(distances[:2]) / 2, rel=1e-5)
+    lines = out.read_text().splitlines()
+    assert lines[0].split(",")[:4] == ["example", "bits", "seed", "mu"] and len(lines) == 4

@@ -11,7 +11,8 @@ both), then runs :func:`halp_fx.bit_centering.inner_step` over every tensor in
 one ``torch.compile``\\ d function. Its new offsets and momenta are written back
 only when everything it would write is finite. Every ``T`` steps, and at the
 first, it recenters through :mod:`halp_fx.recenter`, the same code as
-``transform``'s step.
+``transform``'s step (with ``mu="auto"`` below 8 bits, also three times early in
+the first epoch).
 """
 import contextlib
 import inspect
@@ -25,7 +26,8 @@ import torch
 from .. import arguments, bit_centering
 from ..data import full_gradient_batches, has_batch_norm, warn_small_batch
 from ..errors import NonFiniteError
-from ..recenter import examples_in, first_mu, full_gradient, log, log_telemetry, next_mus, recentered, warn_if_saturated
+from ..recenter import (examples_in, first_mu, full_gradient, log, log_telemetry, next_mus, recenter_due, recentered,
+                        steps_taken, uses_band, warn_if_saturated)
 
 
 def inner_steps(groups):
@@ -137,7 +139,9 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
         """
         _check_closure(closure, ())
         counters = self._counters
-        if "steps_since_recenter" not in counters or counters["steps_since_recenter"] >= self.T:
+        if "steps_since_recenter" not in counters or recenter_due(
+                counters["steps_since_recenter"], self.T, self._band,
+                lambda: steps_taken(counters["rounding_counter"])):
             self._recenter(closure)
         params = self._trainable()
         # Both passes draw the same random numbers (dropout's mask): SVRG's correction cancels noise only
@@ -167,6 +171,11 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
         counters["rounding_counter"] = counters["rounding_counter"] + 1
         counters["steps_since_recenter"] += 1
         return loss
+
+    @property
+    def _band(self):
+        """Whether a group runs ``mu="auto"`` below 8 bits: then the first epoch has early recenters (for all)."""
+        return any(g.get("mu") == arguments.AUTO_MU and uses_band(g.get("bits")) for g in self.param_groups)
 
     def _recenter(self, closure):
         """``A <- W``; ``G`` = the example-weighted mean gradient over ``data_loader`` at A; ``d`` from G; ``Z <- 0``."""
@@ -198,7 +207,7 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
         return [named.get(id(p), f"param {i}") for i, p in enumerate(params)]
 
     def _next_mus(self, params, group_of, bits):
-        """Each tensor's mu for this recenter: its group's, or under ``mu="auto"`` :func:`next_mu` of its own."""
+        """Each tensor's mu for this recenter: its group's, or under ``mu="auto"`` the one :func:`next_mus` moves."""
         mus = [group_of[p].get("mu") for p in params]
         auto = [i for i, mu in enumerate(mus) if mu == arguments.AUTO_MU]
         if not auto:
@@ -439,8 +448,9 @@ class HALP(_BitCenteredOptimizer):
         momentum: heavy-ball momentum on the corrected gradient (float32 buffer,
             kept across recenters).
         mu: the grid's scale ``d = ||full_grad|| / (mu * (2**(bits-1) - 1))``, or ``"auto"``: each
-            parameter's mu is chosen at every recenter by :func:`halp_fx.recenter.next_mu` (kept in its state as
-            ``mu``, with the telemetry it reads, ``underflow``).
+            parameter's mu is chosen at every recenter by :func:`halp_fx.recenter.next_mus` (kept in its state as
+            ``mu``, with the telemetry it reads, ``underflow``). When a group runs it below 8 bits, the optimizer
+            recenters three more times early in the first epoch, each ``ceil(T/8)`` steps after the last.
         bits: offset width, 2..32 (int8 up to 8, int16 up to 16, else int32), or
             ``None`` for full precision (then it is :class:`SVRG`).
         biased: ``True`` rounds to nearest, ``False`` (default) rounds stochastically.
