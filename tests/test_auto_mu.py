@@ -214,6 +214,26 @@ def test_transform_recenters_three_times_early_below_8_bits_only_under_auto():
     assert counts == {(4, "auto"): 5, (8, "auto"): 2, (4, 2.0): 2}
 
 
+def test_the_early_recenters_count_committed_steps_only_and_need_no_data_loader():
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    batches = [(x[i:i + 8], x[i:i + 8, :1] * 2) for i in range(0, 64, 8)]
+    bad = (batches[0][0].clone(), batches[0][1]); bad[0][0, 0] = float("nan")
+
+    # T=16: early recenters after 2, 4 and 6 committed steps; two skipped NaN steps count for nothing.
+    step = halp_fx.transform(nn.Linear(4, 1), 4, loss_fn=F.mse_loss, data_loader=batches, lr=0.05, T=16,
+                             mu="auto", compile=False, on_nonfinite="skip")
+    for batch in [batches[0], bad, batches[1], bad] + batches[2:7]:
+        step(*batch)
+    assert (step.nonfinite_steps, step.recenters, step.steps_since_recenter) == (2, 4, 1)
+
+    # Without a data loader they recenter on the step's own batch, like the recenters every T steps.
+    step = halp_fx.transform(nn.Linear(4, 1), 4, loss_fn=F.mse_loss, lr=0.05, T=16, mu="auto", compile=False)
+    for k in range(20):
+        step(*batches[k % 8])
+    assert step.recenters == 4  # after 0, 2, 4 and 6 steps; the next is after 22
+
+
 def test_transform_resumed_in_the_first_epoch_keeps_its_early_recenters_bit_exact():
     step, data = make_step(bits=4, data=classification_data("mlp", samples=128))  # T=16: early recenters every 2
     run_epochs(step, data[:3], 1)  # between the first and the second early recenter
