@@ -112,9 +112,15 @@ def rounding_key(counter, tensor_index):
     return _tensor_key(_step_key(counter), tensor_index)
 
 
+def counter_steps(counter):
+    """The steps a rounding counter has counted: its low 32 bits (the seed is in the high 32; see
+    :func:`rounding_key`). ``counter`` is a Python int or a 0-d integer tensor."""
+    return int(counter) & _MASK32
+
+
 def _step_key(counter):
     seed_key = _hash32_int(((counter >> 32) + _SEED_OFFSET) & _MASK32)
-    return _hash32_int(seed_key ^ (counter & _MASK32))
+    return _hash32_int(seed_key ^ counter_steps(counter))
 
 
 def _tensor_key(step_key, tensor_index):

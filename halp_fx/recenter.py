@@ -169,18 +169,14 @@ def recenter_due(steps_since_recenter, T, band, steps_taken):
     also after ``ceil(T/8)`` while no more than ``PROBES * ceil(T/8)`` steps were taken in all. So the first epoch
     is cut by :data:`PROBES` early recenters, each of which may move mu; the later epochs are ``T`` steps long.
     ``steps_taken()`` (called only when needed: it may read a device) counts the committed steps since the first
-    recenter, the low 32 bits of the rounding counter, so a checkpoint needs no more state."""
+    recenter (:func:`halp_fx.bit_centering.counter_steps` of the rounding counter), so a checkpoint needs no more
+    state."""
     if steps_since_recenter >= T:
         return True
     if not band:
         return False
     every = math.ceil(T / PROBE_FRACTION)
     return steps_since_recenter >= every and steps_taken() <= PROBES * every
-
-
-def steps_taken(rounding_counter):
-    """The committed steps a rounding counter has counted (its low 32 bits; the seed is in the high 32)."""
-    return int(rounding_counter) & 0xFFFFFFFF
 
 
 def log_telemetry(names, numels, bits, epoch, next_mus, norms, recenter=None):

@@ -21,7 +21,7 @@ from .data import full_gradient_batches, has_batch_norm, warn_small_batch
 from .errors import NonFiniteError
 from .programs import Programs
 from .recenter import (examples_in, full_gradient, log, log_telemetry, next_mus, recenter_due, recentered,
-                       saturated_fraction, steps_taken, underflow_fractions, uses_band, warn_if_saturated)
+                       saturated_fraction, underflow_fractions, uses_band, warn_if_saturated)
 from .roles import Role
 from .state import HalpState
 
@@ -111,7 +111,7 @@ class TrainingStep:
         state = self.state
         if state.recenters == 0 or (self.T is not None and recenter_due(
                 state.steps_since_recenter, self.T, state.auto_mu and uses_band(self.bits),
-                lambda: steps_taken(state.rounding_counter))):
+                lambda: bit_centering.counter_steps(state.rounding_counter))):
             self._recenter(None if self.data_loader is not None else [batch])
         entry = self._entry(batch)
         sources = self._sources(batch)

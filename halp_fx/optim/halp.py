@@ -27,7 +27,7 @@ from .. import arguments, bit_centering
 from ..data import full_gradient_batches, has_batch_norm, warn_small_batch
 from ..errors import NonFiniteError
 from ..recenter import (examples_in, first_mu, full_gradient, log, log_telemetry, next_mus, recenter_due, recentered,
-                        steps_taken, uses_band, warn_if_saturated)
+                        uses_band, warn_if_saturated)
 
 
 def inner_steps(groups):
@@ -141,7 +141,7 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
         counters = self._counters
         if "steps_since_recenter" not in counters or recenter_due(
                 counters["steps_since_recenter"], self.T, self._band,
-                lambda: steps_taken(counters["rounding_counter"])):
+                lambda: bit_centering.counter_steps(counters["rounding_counter"])):
             self._recenter(closure)
         params = self._trainable()
         # Both passes draw the same random numbers (dropout's mask): SVRG's correction cancels noise only
