@@ -153,9 +153,12 @@ class Transformed(Method):
     """``halp_fx.transform``: the captured step rewritten by the HALP passes, compiled with Inductor."""
     bits = 8
     arithmetic = "fp32"
+    anchor_precision = "fp32"
 
     def start(self):
         extra = {} if self.arithmetic == "fp32" else {"arithmetic": self.arithmetic}
+        if self.anchor_precision != "fp32":
+            extra["anchor_precision"] = self.anchor_precision
         self.halp_step = halp_fx.transform(self.model, bits=self.bits, loss_fn=loss_fn, data_loader=self.batches,
                                            lr=LR, mu=MU, compile=self.compile, **extra)
         self.step(0)
@@ -208,6 +211,15 @@ class CompiledHALP8Int8(Transformed):
     arithmetic = "int8"
 
 
+class CompiledHALP8Int8Bf16(Transformed):
+    name = "compiled_halp8_int8_bf16"
+    description = ("halp_fx.transform(bits=8, arithmetic='int8', anchor_precision='bf16'): the int8 corrections on "
+                   "an anchor pass whose products take bf16 operands, where each pays on the device")
+    bits = 8
+    arithmetic = "int8"
+    anchor_precision = "bf16"
+
+
 class OptimHALP(Method):
     name = "optim_halp"
     description = "halp_fx.optim.HALP (torch.optim-style, closure API, torch.compile'd update), 8 bits"
@@ -249,7 +261,7 @@ def optim_halp_available():
 
 
 METHODS = {m.name: m for m in (EagerSGD, CompiledSGD, TorchhalpEager, CompiledSVRG, CompiledHALP8, CompiledHALP4,
-                               CompiledHALP8Int8, OptimHALP)}
+                               CompiledHALP8Int8, CompiledHALP8Int8Bf16, OptimHALP)}
 
 
 def _compile(gm, example):

@@ -41,7 +41,7 @@ ALL_MODELS = ["logreg", "mlp", "cnn", "lenet5", "lstm"]
 # too slow for the default set.
 EXTRA_MODELS = ["mlp10m", "mlp1024", "transformer"]
 ALL_METHODS = ["eager_sgd", "compiled_sgd", "torchhalp_eager", "compiled_svrg", "compiled_halp8", "compiled_halp4",
-               "compiled_halp8_int8", "optim_halp"]
+               "compiled_halp8_int8", "compiled_halp8_int8_bf16", "optim_halp"]
 # The CPU features that decide whether int8 products pay (compiled_halp8_int8); recorded beside every table.
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 WORKER_MARK = "BENCHMARK_WORKER_RESULT "

@@ -12,6 +12,7 @@ from .bit_centering import ROUNDINGS
 
 ON_NONFINITE = ("raise", "skip")
 ARITHMETICS = ("fp32", "int8")
+ANCHOR_PRECISIONS = ("fp32", "bf16")
 
 
 def _is_int(value):
@@ -173,7 +174,7 @@ def _describe(batch):
 
 
 def check_transform_arguments(bits, lr, mu, T, momentum, weight_decay, rounding, on_nonfinite, data_loader, seed,
-                              saturation_warning, loss_fn, compile, arithmetic="fp32"):
+                              saturation_warning, loss_fn, compile, arithmetic="fp32", anchor_precision="fp32"):
     """Every argument of ``transform`` but the model, checked, as a dict of their normalized values."""
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(output, target), or None; got {type(loss_fn).__name__}")
@@ -182,7 +183,8 @@ def check_transform_arguments(bits, lr, mu, T, momentum, weight_decay, rounding,
                 rounding=check_rounding(rounding), on_nonfinite=check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE),
                 data_loader=check_data_loader(data_loader), seed=check_seed(seed),
                 saturation_warning=check_saturation_warning(saturation_warning), loss_fn=loss_fn, compile=check_compile(compile),
-                arithmetic=check_arithmetic(arithmetic, bits))
+                arithmetic=check_arithmetic(arithmetic, bits),
+                anchor_precision=check_anchor_precision(anchor_precision, arithmetic))
 
 
 def check_arithmetic(arithmetic, bits):
@@ -192,3 +194,12 @@ def check_arithmetic(arithmetic, bits):
                          "integer offsets to center the products on; pass bits=8 or arithmetic='fp32'")
     return arithmetic
 
+
+
+def check_anchor_precision(anchor_precision, arithmetic):
+    check_choice("anchor_precision", anchor_precision, ANCHOR_PRECISIONS)
+    if anchor_precision == "bf16" and arithmetic != "int8":
+        raise ValueError("anchor_precision='bf16' needs arithmetic='int8': a bf16 anchor is exact enough only where the "
+                         "products at W are built on it (centered int8 products); pass arithmetic='int8' too, or "
+                         "anchor_precision='fp32'")
+    return anchor_precision

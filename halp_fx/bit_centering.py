@@ -212,6 +212,12 @@ def svrg_corrected(grad, anchor_grad, full_grad):
     return grad - anchor_grad + full_grad
 
 
+def corrected_by_difference(difference, full_grad):
+    """``u = G + (g(W) - g(A))`` where centered products gave the difference itself
+    (:mod:`halp_fx.passes.anchor_difference_pass`): the same ``u``, with no two large numbers subtracted."""
+    return full_grad + difference
+
+
 def with_weight_decay(grad, weight, weight_decay):
     """Weight decay acts on the full weight ``W``, not on the offset."""
     return grad + weight_decay * weight

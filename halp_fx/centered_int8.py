@@ -5,17 +5,20 @@ weights and ``a_A``, ``b_A`` at the anchor::
 
     f(a, b) = f(a_A, b_A) + f(a - a_A, b_A) + f(a, b - b_A)
 
-The first term is the anchor pass's own float32 product, which the step
-computes anyway. The two corrections multiply a *difference* that is zero right
-after a recenter and small after it, so they run as int8 products (int32
-accumulation) with little error: each operand is quantized to the nearest
-integer on a scale per row (left operand) or per column (right operand), the
-dimensions that are not summed over, so the scales come out of the sum as an
-outer product. The error is proportional to the differences: zero at a
-recenter, and the variance reduction survives.
+The first term is the anchor pass's own product, which the step computes
+anyway. The two corrections multiply a *difference* that is zero right after a
+recenter and small after it, so they run as int8 products (int32 accumulation)
+with little error: a float operand is quantized to the nearest integer on a
+scale per row (left operand) or per column (right operand), the dimensions that
+are not summed over, so the scales come out of the sum as an outer product.
 
-Where an operand is the same in both passes (the input batch at the first
-layer), its difference is zero and that term is left out.
+Where a difference is a weight's own, ``W - A = d * Z``, it is not quantized at
+all: the integer offset ``Z`` (int8 up to 8 bits, viewed as the product needs
+it) and the scalar scale ``d`` enter the int8 product as they are. Where an
+operand is the same in both passes (the input batch at the first layer), its
+difference is zero and that term is left out. An anchor operand that depends on
+the anchors alone (``t(A)``) is quantized once per recenter
+(:mod:`halp_fx.passes.anchor_constants_pass`).
 """
 import functools
 import os
@@ -36,11 +39,37 @@ def quantize(x, dim, levels):
     return torch.round(x / scale).clamp(-levels, levels).to(torch.int8), scale
 
 
+def quantize_rows(x):
+    """A left operand's ``(q, scale)``: one scale per row, the full int8 range."""
+    return quantize(x, 1, FULL_RANGE)
+
+
+def quantize_columns(x, *, levels):
+    """A right operand's ``(q, scale)``: one scale per column, ``levels`` from :func:`second_operand_levels`."""
+    return quantize(x, 0, levels)
+
+
 def int8_mm(a, b):
     """``a @ b`` of int8 matrices, accumulated exactly in int32."""
     if hasattr(torch, "_int_mm") and (a.device.type == "cuda" or _cpu_int_mm_available()):
         return torch._int_mm(a.contiguous(), b.contiguous())
     return a.to(torch.int32) @ b.to(torch.int32)
+
+
+def int8_term(qa, sa, qb, sb, *, wide_second=False):
+    """``(qa * sa) @ (qb * sb)`` through one int8 product: ``sa`` a scale per row or a scalar, ``sb`` per column or
+    a scalar. ``wide_second``: ``qb`` may use all 8 bits where the CPU's int8 kernel is exact only within 7
+    (:func:`second_operand_levels`); the product is then summed by the exact int32 reference."""
+    if wide_second:
+        product = qa.to(torch.int32) @ qb.to(torch.int32)
+    else:
+        product = int8_mm(qa, qb)
+    return product.to(torch.float32) * sa * sb
+
+
+def offset_value(offset, scale):
+    """``W - A = d * Z`` of a weight, exactly, in float32 (an addmm's bias difference)."""
+    return scale * offset.to(torch.float32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,26 +85,7 @@ def int8_product(a, b, second_levels):
     """``a @ b`` (float32) through int8: ``a`` quantized per row, ``b`` per column."""
     qa, sa = quantize(a, 1, FULL_RANGE)
     qb, sb = quantize(b, 0, second_levels)
-    return int8_mm(qa, qb).to(torch.float32) * sa * sb
-
-
-def centered_mm(anchor_out, a, a_anchor, b, b_anchor, *, second_levels):
-    """``a @ b`` from the anchor's ``a_anchor @ b_anchor`` (``anchor_out``) and int8 corrections.
-
-    ``a_anchor`` / ``b_anchor`` is ``None`` where the operand is the same in both passes.
-    """
-    out = anchor_out
-    if a_anchor is not None:
-        out = out + int8_product(a - a_anchor, b if b_anchor is None else b_anchor, second_levels)
-    if b_anchor is not None:
-        out = out + int8_product(a, b - b_anchor, second_levels)
-    return out
-
-
-def centered_addmm(anchor_out, bias, bias_anchor, a, a_anchor, b, b_anchor, *, second_levels):
-    """``bias + a @ b`` the same way; the bias difference is added in float32."""
-    out = centered_mm(anchor_out, a, a_anchor, b, b_anchor, second_levels=second_levels)
-    return out if bias_anchor is None else out + (bias - bias_anchor)
+    return int8_term(qa, sa, qb, sb)
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,9 +106,9 @@ def cpu_int8_flags():
 def products_pay(device):
     """``(True, "")`` where int8 products beat float32 ones on ``device``, else ``(False, why)``.
 
-    Measured, not assumed: on a 2-core AVX2 EPYC with torch 2.13, ``torch._int_mm`` at 128x1024x1024 took
-    261 ms against 7.9 ms for float32 ``mm`` (exact, but through a reference kernel); with AVX512-VNNI it is
-    4-5x faster than float32.
+    Measured on CPUs: on a 2-core AVX2 EPYC with torch 2.13, ``torch._int_mm`` at 128x1024x1024 took 261 ms against
+    7.9 ms for float32 ``mm`` (exact, but through a reference kernel); on a 2-core EPYC with AVX512-VNNI, one thread,
+    0.67 ms against 2.8 ms. Assumed, not measured here: CUDA's ``_int_mm`` (cuBLASLt int8) beats float32 products.
     """
     if device.type == "cuda":
         return True, ""
@@ -118,5 +128,6 @@ def second_operand_levels(device):
 
 
 def forced():
-    """``HALP_FX_INT8_PRODUCTS=always`` runs the products in int8 where they do not pay (exactness checks)."""
+    """``HALP_FX_INT8_PRODUCTS=always`` runs the low-precision products (int8 corrections, the bf16 anchor pass)
+    where they do not pay: exactness checks on any CPU."""
     return os.environ.get("HALP_FX_INT8_PRODUCTS", "") == "always"

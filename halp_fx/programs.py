@@ -75,7 +75,7 @@ class ShapeEntry:
 
     def __init__(self, captured, stages, summaries):
         self.captured, self.stages, self.summaries = captured, stages, summaries
-        self.step = self.full_gradient = None
+        self.step = self.full_gradient = self.constants = None
 
 
 class Programs:
@@ -83,11 +83,14 @@ class Programs:
 
     def __init__(self, model, loss_fn, hyper, compile, on_cpu):
         self.model, self.loss_fn, self.hyper = model, loss_fn, hyper
-        self.compile, self.widen = compile, compile and on_cpu and hyper["bits"] is not None
+        # Centered int8 products read the offsets as int8 operands: those stay as they are.
+        self.compile = compile
+        self.widen = compile and on_cpu and hyper["bits"] is not None and hyper.get("arithmetic", "fp32") == "fp32"
         self.entries = OrderedDict()
         self.first = None  # the first layout's entry, for explain() and graphs
         self.shapes_seen = 0
         self._warned_shapes = False
+        self._constants = None  # (entry, anchor version, {name: value}): the anchor constants of the last step
 
     @staticmethod
     def key(batch):
@@ -106,7 +109,7 @@ class Programs:
         h = self.hyper
         stages, summaries = passes.run_passes(
             captured, passes.halp_passes(h["bits"], h["rounding"], h["momentum"], h["weight_decay"], h["arithmetic"],
-                                         h.get("group"), h.get("world_size", 1)))
+                                         h.get("anchor_precision", "fp32"), h.get("group"), h.get("world_size", 1)))
         entry = ShapeEntry(captured, stages, summaries)
         self.entries[key] = entry
         self.shapes_seen += 1
@@ -126,6 +129,23 @@ class Programs:
         if entry.step is None:
             entry.step = Program(list(entry.stages.values())[-1], "step", self.compile, sources, self.widen)
         return entry.step
+
+    def anchor_constants(self, entry, sources, version):
+        """``{name: value}`` of the step's inputs computed from the anchors alone
+        (:mod:`halp_fx.passes.anchor_constants_pass`), computed again only when the anchors changed (``version``)
+        or the batch layout did. Run eagerly: once per recenter, a few elementwise ops."""
+        graph = getattr(list(entry.stages.values())[-1], "anchor_constants", None)
+        if graph is None:
+            return {}
+        cached = self._constants
+        if cached is not None and cached[0] is entry and cached[1] == version:
+            return cached[2]
+        self._constants = None  # the old values are freed before the new ones are made
+        if entry.constants is None:
+            entry.constants = Program(graph, "anchor-constants", False)
+        values = dict(zip((name for _, name in entry.constants.output_roles), entry.constants(sources)))
+        self._constants = (entry, version, values)
+        return values
 
     def full_gradient_program(self, entry, sources):
         if entry.full_gradient is None:

@@ -30,6 +30,8 @@ class Role(str, enum.Enum):
     MOMENTUM = "momentum"      # float32 velocity, with momentum > 0
     LR = "lr"                  # 0-d float32 learning rate
     ROUNDING_KEYS = "rounding_keys"  # int32 key per tensor for stochastic rounding
+    ANCHOR_CONSTANT = "anchor_constant"  # a value of the step computed from the anchors alone (an anchor weight
+                                         # quantized or cast to bf16), computed once per recenter, named by its node
     # nodes and outputs the passes add
     WEIGHT = "weight"          # W = A + d * Z, computed in the step
     CORRECTED_GRAD = "corrected_grad"  # u = g(W) - g(A) + G

@@ -41,6 +41,7 @@ class HalpState:
         self.mus = OrderedDict((n, recenter.first_mu(bits)) for n in anchor) if auto_mu else OrderedDict()
         self.rounding_counter = int(seed) << 32
         self.steps_since_recenter = self.recenters = self.nonfinite_steps = 0
+        self.anchor_version = 0  # moves whenever the anchors (and so what is computed from them alone) may change
 
     def __getitem__(self, role):
         return self.tensors[role]
@@ -77,6 +78,7 @@ class HalpState:
         self.tensors[Role.FULL_GRAD] = OrderedDict(zip(names, full_grads))
         self.steps_since_recenter = 0
         self.recenters += 1
+        self.anchor_version += 1
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _keys(self):
@@ -129,6 +131,7 @@ class HalpState:
         self.mus = mus
         for c, value in counters.items():
             setattr(self, c, value)
+        self.anchor_version += 1
         return new_lr
 
 

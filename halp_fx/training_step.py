@@ -42,9 +42,10 @@ class TrainingStep:
     """Callable HALP training step over a model; see :func:`halp_fx.transform`."""
 
     def __init__(self, model, *, loss_fn, data_loader, bits, lr, T, mu, momentum, weight_decay, rounding, compile,
-                 on_nonfinite, seed, saturation_warning, arithmetic="fp32", process_group=None):
+                 on_nonfinite, seed, saturation_warning, arithmetic="fp32", anchor_precision="fp32",
+                 process_group=None):
         self.model, self.loss_fn, self.data_loader = model, loss_fn, data_loader
-        self.arithmetic = arithmetic
+        self.arithmetic, self.anchor_precision = arithmetic, anchor_precision
         self.bits, self.rounding, self.compile, self.on_nonfinite = bits, rounding, compile, on_nonfinite
         self.momentum, self.weight_decay = momentum, weight_decay
         self._mu = None
@@ -54,7 +55,8 @@ class TrainingStep:
         self.signature = signature_of(model, None)
         self.state = HalpState(model, self.signature, bits, momentum, seed, auto_mu=self.mu == arguments.AUTO_MU)
         self.process_group = process_group   # None: one process; else the group the step averages over
-        hyper = dict(bits=bits, rounding=rounding, momentum=momentum, weight_decay=weight_decay, arithmetic=arithmetic)
+        hyper = dict(bits=bits, rounding=rounding, momentum=momentum, weight_decay=weight_decay, arithmetic=arithmetic,
+                     anchor_precision=anchor_precision)
         if process_group is not None:
             hyper.update(group=distributed.group_name(process_group),
                          world_size=torch.distributed.get_world_size(process_group))
@@ -115,6 +117,7 @@ class TrainingStep:
             self._recenter(None if self.data_loader is not None else [batch])
         entry = self._entry(batch)
         sources = self._sources(batch)
+        sources[Role.ANCHOR_CONSTANT] = self.programs.anchor_constants(entry, sources, state.anchor_version)
         program = self.programs.step_program(entry, sources)
         results = program(sources)
         loss = results[0]

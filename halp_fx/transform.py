@@ -7,7 +7,7 @@ from .training_step import TrainingStep, is_released
 
 def transform(model, bits=8, *, loss_fn=None, data_loader=None, lr=0.01, T=None, mu=0.1, momentum=0.0,
               weight_decay=0.0, rounding="stochastic", compile=True, on_nonfinite="raise", seed=0,
-              saturation_warning=0.1, arithmetic="fp32", process_group=None):
+              saturation_warning=0.1, arithmetic="fp32", anchor_precision="fp32", process_group=None):
     """Capture ``model``'s training step, rewrite it into HALP and compile it.
 
     Args:
@@ -36,6 +36,9 @@ def transform(model, bits=8, *, loss_fn=None, data_loader=None, lr=0.01, T=None,
         arithmetic: ``"fp32"`` runs the step's matrix products in float32 on ``W = A + d*Z``; ``"int8"`` runs
             each product at W as the anchor's product plus int8 products of the differences
             (:mod:`halp_fx.centered_int8`), where int8 pays on the device (``explain()`` lists each product).
+        anchor_precision: ``"fp32"``, or ``"bf16"`` (with ``arithmetic="int8"``): the anchor products that centered
+            products are built on take bf16 operands, where bf16 pays on the device (:mod:`halp_fx.bf16_anchor`).
+            The full gradient stays float32.
         process_group: data parallelism over ``torch.distributed`` (:mod:`halp_fx.distributed`). ``None``: over
             the default group when ``torch.distributed`` is initialized with several processes; ``False``: never;
             or a ``ProcessGroup``. Each rank passes its own shard as ``data_loader`` (a ``DistributedSampler``);
@@ -51,7 +54,7 @@ def transform(model, bits=8, *, loss_fn=None, data_loader=None, lr=0.01, T=None,
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     checked = arguments.check_transform_arguments(bits, lr, mu, T, momentum, weight_decay, rounding, on_nonfinite,
                                                   data_loader, seed, saturation_warning, loss_fn, compile,
-                                                  arithmetic)
+                                                  arithmetic, anchor_precision)
     trainable = arguments.check_parameters(model.named_parameters())
     arguments.check_float32_parameters(trainable)
     held = [n for n, p in trainable if is_released(p)]

@@ -15,23 +15,33 @@ from halp_fx.errors import PassError
 from halp_fx import centered_int8
 
 from .all_reduce_pass import AllReducePass
+from .anchor_constants_pass import AnchorConstantsPass
+from .anchor_difference_pass import AnchorDifferencePass
+from .bf16_anchor_pass import Bf16AnchorPass
 from .centered_int8_pass import CenteredInt8Pass
 from .dequantize_weights_pass import DequantizeWeightsPass
 from .nonfinite_guard_pass import NonfiniteGuardPass
 from .offset_update_pass import OffsetUpdatePass
 from .svrg_correction_pass import SvrgCorrectionPass
 
-__all__ = ["DequantizeWeightsPass", "SvrgCorrectionPass", "CenteredInt8Pass", "AllReducePass", "OffsetUpdatePass",
-           "NonfiniteGuardPass", "halp_passes", "run_passes"]
+__all__ = ["DequantizeWeightsPass", "SvrgCorrectionPass", "CenteredInt8Pass", "AnchorDifferencePass", "AllReducePass", "OffsetUpdatePass",
+           "NonfiniteGuardPass", "Bf16AnchorPass", "AnchorConstantsPass", "halp_passes", "run_passes"]
 
 
-def halp_passes(bits, rounding, momentum, weight_decay, arithmetic="fp32", group=None, world_size=1):
-    """The HALP rewrite, in the order it runs; ``arithmetic="int8"`` adds ``centered_int8``, a data-parallel
-    step (``group``, a name from :func:`halp_fx.distributed.group_name`) adds ``all_reduce``."""
-    int8 = [CenteredInt8Pass(always=centered_int8.forced())] if arithmetic == "int8" else []
+def halp_passes(bits, rounding, momentum, weight_decay, arithmetic="fp32", anchor_precision="fp32", group=None,
+                world_size=1):
+    """The HALP rewrite, in the order it runs. ``arithmetic="int8"`` adds ``centered_int8`` and
+    ``anchor_difference`` (and ``bf16_anchor`` with ``anchor_precision="bf16"``), then ``anchor_constants`` last; a
+    data-parallel step (``group``, a name from :func:`halp_fx.distributed.group_name`) adds ``all_reduce``."""
+    forced = centered_int8.forced()
+    low = []
+    if arithmetic == "int8":
+        low = [CenteredInt8Pass(bits, always=forced), AnchorDifferencePass()]
+        low += [Bf16AnchorPass(always=forced)] if anchor_precision == "bf16" else []
     all_reduce = [AllReducePass(group, world_size)] if group is not None else []
-    return [DequantizeWeightsPass(bits), SvrgCorrectionPass(), *int8, *all_reduce,
-            OffsetUpdatePass(bits, rounding, momentum, weight_decay), NonfiniteGuardPass()]
+    hoist = [AnchorConstantsPass()] if arithmetic == "int8" else []
+    return [DequantizeWeightsPass(bits), SvrgCorrectionPass(), *low, *all_reduce,
+            OffsetUpdatePass(bits, rounding, momentum, weight_decay), NonfiniteGuardPass(), *hoist]
 
 
 def run_passes(captured, passes):

@@ -54,6 +54,7 @@ class OffsetUpdatePass(HalpPass):
     def call(self, gm):
         graph = gm.graph
         offsets, scales = placeholders(graph, Role.OFFSET), placeholders(graph, Role.SCALE)
+        anchors = placeholders(graph, Role.ANCHOR)
         weights = nodes_with_role(graph, Role.WEIGHT)
         out = output_node(graph)
         stochastic = self.bits is not None and self.rounding == "stochastic"
@@ -70,8 +71,14 @@ class OffsetUpdatePass(HalpPass):
             if stochastic:
                 kwargs["key"] = insert_call(graph, torch.ops.aten.select.int, [keys, 0, index], {}, out,
                                             f"key_{label}")
+            weight = None
+            if self.weight_decay:
+                # Centered products may have left W = A + d*Z unused (and removed): weight decay reads it again.
+                weight = weights.get(name) or insert_call(
+                    graph, bit_centering.dequantize, [anchors[name], offsets[name], scales[name]], {}, out,
+                    f"w_{label}", role=(Role.WEIGHT, name))
             update = insert_call(graph, bit_centering.offset_update,
-                                 [offsets[name], scales[name], weights[name], direction, buffer, lr], kwargs, out,
+                                 [offsets[name], scales[name], weight, direction, buffer, lr], kwargs, out,
                                  f"update_{label}", role=(Role.UPDATE, name))
             new_offset = insert_call(graph, operator.getitem, [update, 0], {}, out, f"new_offset_{label}")
             underflow = add_input(graph, (Role.UNDERFLOW, name), (), torch.float32)
