@@ -51,8 +51,12 @@ def quantize_columns(x, *, levels):
 
 def int8_mm(a, b):
     """``a @ b`` of int8 matrices, accumulated exactly in int32."""
-    if hasattr(torch, "_int_mm") and (a.device.type == "cuda" or _cpu_int_mm_available()):
+    if hasattr(torch, "_int_mm") and a.device.type == "cuda":
         return torch._int_mm(a.contiguous(), b.contiguous())
+    if hasattr(torch, "_int_mm") and _cpu_int_mm_available():
+        # oneDNN takes a transposed right operand (t(Z), an anchor quantized per column) as it is: 0.51 ms against
+        # 0.98 ms with a copy at 128x784x1024, one thread with VNNI. A transposed left operand is faster copied.
+        return torch._int_mm(a.contiguous(), b)
     return a.to(torch.int32) @ b.to(torch.int32)
 
 
