@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import halp_fx
+from halp_fx import introspection, matrix_work
 from halp_fx.capture import capture_gradient, signature_of
 from halp_fx.inductor import compile_graph
 
@@ -75,6 +76,7 @@ class CompiledSGD(Method):
     name = "compiled_sgd"
     description = ("halp_fx.capture.capture_gradient (make_fx) + the update p - lr*g, traced into one graph and "
                    "compiled by Inductor as halp_fx compiles: the plain SGD step")
+    autocast = None  # a low-precision dtype to trace the gradient under torch.autocast
 
     def start(self):
         self.signature = signature_of(self.model, 2)
@@ -85,7 +87,11 @@ class CompiledSGD(Method):
         self.buffers = [buffers[n].detach().clone() for n in self.signature.buffer_names]
         self.lr = torch.tensor(LR, device=self.params[0].device)
         example = [*self.params, *self.frozen, *self.buffers, *self.batches[0]]
-        self.gradient = capture_gradient(self.model, loss_fn, self.signature, example)
+        if self.autocast is None:
+            self.gradient = capture_gradient(self.model, loss_fn, self.signature, example)
+        else:
+            with torch.autocast(self.params[0].device.type, dtype=self.autocast):
+                self.gradient = capture_gradient(self.model, loss_fn, self.signature, example)
         gm = sgd_step_graph(self.gradient, len(self.params), [*example, self.lr])
         self.fn = _compile(gm, [*example, self.lr]) if self.compile else gm
         self.step(0)
@@ -104,8 +110,18 @@ class CompiledSGD(Method):
         for batch in self.batches:
             self.gradient_fn(*self.params, *self.frozen, *self.buffers, *batch)
 
+    def details(self):
+        return {"matrix_work": matrix_work.describe(matrix_work.matrix_work(self.gradient))}
+
     def state_tensors(self):
         return list(self.params)
+
+
+class CompiledSGDBf16Autocast(CompiledSGD):
+    name = "compiled_sgd_bf16_autocast"
+    description = ("compiled_sgd with the gradient traced under torch.autocast(dtype=torch.bfloat16): products on "
+                   "bf16 operands, float32 weights and update")
+    autocast = torch.bfloat16
 
 
 def sgd_step_graph(gradient, n_params, example):
@@ -165,9 +181,14 @@ class Transformed(Method):
 
     def details(self):
         """What the passes did that a reader of the timings needs (the int8 pass: which products ran int8)."""
-        entry = getattr(getattr(self.halp_step, "programs", None), "first", None)
-        summary = getattr(entry, "summaries", {}).get("centered_int8")
-        return {} if summary is None else {"centered_int8": summary}
+        programs = self.halp_step.programs
+        final = list(introspection.graphs(programs).values())[-1]
+        details = {"matrix_work": matrix_work.describe(matrix_work.matrix_work(final))}
+        for name in ("centered_int8", "bf16_anchor"):
+            summary = programs.first.summaries.get(name)
+            if summary is not None:
+                details[name] = summary
+        return details
 
     def step(self, i):
         before = self.halp_step.recenters
@@ -260,7 +281,7 @@ def optim_halp_available():
     return None
 
 
-METHODS = {m.name: m for m in (EagerSGD, CompiledSGD, TorchhalpEager, CompiledSVRG, CompiledHALP8, CompiledHALP4,
+METHODS = {m.name: m for m in (EagerSGD, CompiledSGD, CompiledSGDBf16Autocast, TorchhalpEager, CompiledSVRG, CompiledHALP8, CompiledHALP4,
                                CompiledHALP8Int8, CompiledHALP8Int8Bf16, OptimHALP)}
 
 

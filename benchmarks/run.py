@@ -40,10 +40,11 @@ ALL_MODELS = ["logreg", "mlp", "cnn", "lenet5", "lstm"]
 # mlp1024 = 784-1024-1024-10, transformer = one TransformerEncoderLayer(512, 8 heads, 2048) on 64 tokens), all
 # too slow for the default set.
 EXTRA_MODELS = ["mlp10m", "mlp1024", "transformer"]
-ALL_METHODS = ["eager_sgd", "compiled_sgd", "torchhalp_eager", "compiled_svrg", "compiled_halp8", "compiled_halp4",
+ALL_METHODS = ["eager_sgd", "compiled_sgd", "compiled_sgd_bf16_autocast", "torchhalp_eager", "compiled_svrg", "compiled_halp8", "compiled_halp4",
                "compiled_halp8_int8", "compiled_halp8_int8_bf16", "optim_halp"]
-# The CPU features that decide whether int8 products pay (compiled_halp8_int8); recorded beside every table.
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+# The CPU features that decide whether int8 and bf16 products pay (compiled_halp8_int8, its bf16 anchor and
+# bf16 autocast); recorded beside every table.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16")
 WORKER_MARK = "BENCHMARK_WORKER_RESULT "
 
 
@@ -293,6 +294,13 @@ RATIOS = [
     ("halp8_int8_over_halp8_inner", "compiled_halp8_int8", "compiled_halp8", "inner_step_s"),
     ("halp8_int8_over_svrg_epoch", "compiled_halp8_int8", "compiled_svrg", "epoch_s"),
     ("halp8_int8_over_halp8_epoch", "compiled_halp8_int8", "compiled_halp8", "epoch_s"),
+    ("halp8_int8_bf16_over_svrg_inner", "compiled_halp8_int8_bf16", "compiled_svrg", "inner_step_s"),
+    ("halp8_int8_bf16_over_compiled_sgd_inner", "compiled_halp8_int8_bf16", "compiled_sgd", "inner_step_s"),
+    ("halp8_int8_bf16_over_bf16_autocast_sgd_inner", "compiled_halp8_int8_bf16", "compiled_sgd_bf16_autocast",
+     "inner_step_s"),
+    ("halp8_int8_bf16_over_halp8_inner", "compiled_halp8_int8_bf16", "compiled_halp8", "inner_step_s"),
+    ("halp8_int8_bf16_over_svrg_epoch", "compiled_halp8_int8_bf16", "compiled_svrg", "epoch_s"),
+    ("bf16_autocast_sgd_over_compiled_sgd_inner", "compiled_sgd_bf16_autocast", "compiled_sgd", "inner_step_s"),
 ]
 
 
@@ -400,6 +408,7 @@ def first_call_group(args, model_name, batch_size, methods, group):
 
 
 # -- report -----------------------------------------------------------------------------------------------
+BIG = {("mlp1024", 128), ("transformer", 128)}  # the models where the low-precision targets are set
 TARGETS = [
     # (label, ratio key or figure, limit, kind, where)
     ("compiled HALP inner step <= 1.05x compiled SVRG", "halp8_over_svrg_inner", 1.05, "max", None),
@@ -408,15 +417,21 @@ TARGETS = [
      {("mlp", 32), ("cnn", 32)}),
     ("full-gradient pass <= 1.1x compiled forward+backward", "compiled_halp8_full_grad_over_compiled_fwd_bwd", 1.1,
      "max", None),
-    # Issue 12 (int8 arithmetic). The first three are for CPUs with AVX512-VNNI or AMX (and GPUs); the last is for
-    # every CPU, where products that do not pay fall back to float32.
-    ("int8 HALP inner step <= 0.75x compiled SVRG (VNNI/AMX target)", "halp8_int8_over_svrg_inner", 0.75, "max",
-     {("mlp1024", 128), ("transformer", 128)}),
-    ("int8 HALP inner step <= 1.5x compiled SGD (VNNI/AMX target)", "halp8_int8_over_compiled_sgd_inner", 1.5, "max",
-     {("mlp1024", 128), ("transformer", 128)}),
-    ("int8 HALP epoch < compiled SVRG epoch (VNNI/AMX target)", "halp8_int8_over_svrg_epoch", 1.0, "max",
-     {("mlp1024", 128), ("transformer", 128)}),
+    # Low-precision arithmetic. These are for CPUs with AVX512-VNNI and AVX512-BF16 or AMX (and GPUs); the last
+    # two are for every CPU, where products that do not pay fall back to float32.
+    ("int8 HALP inner step <= 0.70x compiled SVRG (VNNI target)", "halp8_int8_over_svrg_inner", 0.70, "max", BIG),
+    ("int8 HALP inner step <= 1.4x compiled SGD (VNNI target)", "halp8_int8_over_compiled_sgd_inner", 1.4, "max",
+     BIG),
+    ("int8 HALP epoch < compiled SVRG epoch (VNNI target)", "halp8_int8_over_svrg_epoch", 1.0, "max", BIG),
+    ("int8 + bf16 anchor HALP inner step <= 1.0x compiled SGD (VNNI+BF16 target)",
+     "halp8_int8_bf16_over_compiled_sgd_inner", 1.0, "max", BIG),
+    ("int8 + bf16 anchor HALP inner step <= 0.55x compiled SVRG (VNNI+BF16 target)",
+     "halp8_int8_bf16_over_svrg_inner", 0.55, "max", BIG),
+    ("int8 + bf16 anchor HALP epoch < compiled SVRG epoch (VNNI+BF16 target)", "halp8_int8_bf16_over_svrg_epoch",
+     1.0, "max", BIG),
     ("int8 HALP inner step <= 1.05x fp32 HALP (every CPU)", "halp8_int8_over_halp8_inner", 1.05, "max", None),
+    ("int8 + bf16 anchor HALP inner step <= 1.05x fp32 HALP (every CPU)", "halp8_int8_bf16_over_halp8_inner", 1.05,
+     "max", None),
 ]
 
 
@@ -483,8 +498,11 @@ def print_table(results, targets):
             print(f"{g['model']:8s} {g['batch_size']:5d} {'(compiled fwd+bwd pass)':36s} "
                   f"{fmt(g['compiled_fwd_bwd_pass_s'], 1e3, 2):>11s}")
         for name, m in g["methods"].items():
-            if "centered_int8" in m:
-                print(f"{'':15s}{name}: {m['centered_int8']}")
+            if "matrix_work" in m:
+                print(f"{'':15s}{name} matrix work: {m['matrix_work']}")
+            for pass_name in ("centered_int8", "bf16_anchor"):
+                if pass_name in m:
+                    print(f"{'':15s}{name} {pass_name}: {m[pass_name]}")
         for label, value in g["ratios"].items():
             print(f"{'':15s}{label} = {value:.2f}")
     print(f"~: the slowest round's inner step was over {NOISY_SPREAD}x the fastest's; the machine was busy")
@@ -521,9 +539,11 @@ def markdown(report):
         lines += ["", f"{machine}; CPU flags: {flags}; torch {meta.get('torch', '?')}; {meta.get('threads', '?')} "
                       f"thread(s); device {meta.get('device', '?')}; inductor {'on' if meta.get('inductor') else 'off'}"
                       + (f"; HALP_FX_INT8_PRODUCTS={env}" if env else "")]
-    int8 = [(g["model"], g["batch_size"], m["centered_int8"]) for g in report["results"]
-            for m in g["methods"].values() if "centered_int8" in m]
-    lines += [f"- compiled_halp8_int8, {model} batch {batch}: {summary.splitlines()[0]}" for model, batch, summary in int8]
+    lines += [""] + [f"- {name}, {g['model']} batch {g['batch_size']}: matrix work {m['matrix_work']}"
+                     for g in report["results"] for name, m in g["methods"].items() if "matrix_work" in m]
+    lines += [f"- {name}, {g['model']} batch {g['batch_size']}, {pass_name}: {m[pass_name].splitlines()[0]}"
+              for g in report["results"] for name, m in g["methods"].items()
+              for pass_name in ("centered_int8", "bf16_anchor") if pass_name in m]
     return "\n".join(lines) + "\n"
 
 

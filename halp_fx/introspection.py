@@ -2,6 +2,8 @@
 import os
 from collections import OrderedDict
 
+from . import matrix_work
+
 
 def graphs(programs):
     """Stage name -> GraphModule: the captured gradient graph, then one stage per pass."""
@@ -22,6 +24,9 @@ def explain(step):
     for i, (name, summary) in enumerate(entry.summaries.items(), 1):
         lines.append(f"  {i}. {name}: {summary} ({counts[name]} ops)")
     final = list(stages)[-1]
+    lines.append(f"  matrix work of the step: {matrix_work.describe(matrix_work.matrix_work(stages[final]))}")
+    lines.append(f"  matrix work of plain SGD on the same batch: "
+                 f"{matrix_work.describe(matrix_work.matrix_work(stages['captured']))}")
     lines += ["", f"final step graph ({final}):", readable(stages[final].code)]
     return "\n".join(lines)
 

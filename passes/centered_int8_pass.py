@@ -2,22 +2,17 @@
 
 Before::
 
-    addmm = torch.ops.aten.addmm.default(w_bias, relu, t)
+    addmm = torch.ops.aten.addmm.default(w_bias, batch_0, t)
     ...
-    addmm_1 = torch.ops.aten.addmm.default(anchor_bias, relu_2, t_4)
+    addmm_1 = torch.ops.aten.addmm.default(anchor_bias, batch_0, t_4)
 
 After::
 
-    addmm_1 = torch.ops.aten.addmm.default(anchor_bias, relu_2, t_4)
-    sub = torch.ops.aten.sub.Tensor(relu, relu_2)
-    quantize_sub = halp_fx_centered_int8_quantize_rows(sub)
-    quantize_t_4 = halp_fx_centered_int8_quantize_columns(t_4, levels = 127)
-    int8_term = halp_fx_centered_int8_int8_term(q_sub, s_sub, q_t_4, s_t_4)
-    quantize_relu = halp_fx_centered_int8_quantize_rows(relu)
-    t_offset_weight = torch.ops.aten.t.default(offset_weight)
-    int8_term_1 = halp_fx_centered_int8_int8_term(q_relu, s_relu, t_offset_weight, scale_weight)
+    quantize_batch_1 = halp_fx_centered_int8_quantize_rows(batch_0)
+    int8_term_1 = halp_fx_centered_int8_int8_term(q_batch_1, s_batch_1, t_offset_weight, scale_weight)
     offset_value = halp_fx_centered_int8_offset_value(offset_bias, scale_bias)
-    addmm_difference = torch.ops.aten.add.Tensor(add, offset_value)
+    addmm_difference = torch.ops.aten.add.Tensor(int8_term_1, offset_value)
+    addmm_1 = torch.ops.aten.addmm.default(anchor_bias, batch_0, t_4)
     addmm_int8 = torch.ops.aten.add.Tensor(addmm_1, addmm_difference)
 
 ``f(a, b) = f(a_A, b_A) + f(a - a_A, b_A) + f(a, b - b_A)``
@@ -25,7 +20,9 @@ After::
 ``svrg_correction`` recorded) plus the difference ``f(W) - f(A)`` as int8
 products. A weight's own difference ``W - A`` is ``d * Z``: its integer offset
 and scale enter as they are, viewed as the product needs them (``t_offset_weight``
-above), never quantized. Forward and backward products alike (``mm``,
+above), never quantized; an activation's difference (``relu - relu_2``, the
+same value at W and at the anchor) is quantized per row, and the anchor operand
+it multiplies per column (``quantize_columns``). Forward and backward products alike (``mm``,
 ``addmm``); a product whose operands are the same in both passes keeps none.
 A product falls back to float32, and ``explain()`` says why, where int8 does
 not pay on the device (or the shape does not fit the int8 kernel).

@@ -7,13 +7,14 @@ Before::
 
 After (``bits=8``, nearest rounding)::
 
-    update_weight = halp_fx_bit_centering_offset_update(offset_weight, scale_weight, w_weight, corrected_grad_weight, None, lr, weight_decay = 0.0, momentum = 0.0, bits = 8, rounding = 'nearest')
+    update_weight = halp_fx_bit_centering_offset_update(offset_weight, scale_weight, None, corrected_grad_weight, None, lr, weight_decay = 0.0, momentum = 0.0, bits = 8, rounding = 'nearest')
     new_offset_weight = update_weight[0]
     step_underflow_weight = update_weight[3]
     new_underflow_weight = torch.ops.aten.add.Tensor(underflow_weight, step_underflow_weight)
     return (view, new_offset_weight, new_offset_bias, new_underflow_weight, new_underflow_bias)
 
-``offset_update`` is weight decay (on the full weight W), momentum (a float32
+``offset_update`` is weight decay (on the full weight W, which it reads only
+when ``weight_decay`` is not 0: the ``None`` above), momentum (a float32
 buffer, a new input and output) and the rounded, saturated offset step, as
 :mod:`halp_fx.bit_centering` defines them. ``lr`` is a new input; stochastic
 rounding adds one more, ``rounding_keys``, one int32 key per tensor, made by

@@ -27,6 +27,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from halp_fx import bit_centering
 from halp_fx.capture import identifier
+from halp_fx.matrix_work import ANCHOR_PASS
 from halp_fx.roles import Role
 
 from .graph_edit import (add_input, finish, insert_call, nodes_with_role, output_node, outputs, placeholders,
@@ -88,6 +89,7 @@ class SvrgCorrectionPass(HalpPass):
                         copies[arg] = graph.call_function(torch.ops.aten.clone.default, (arg,))
                         copies[arg].meta["val"] = arg.meta.get("val")
                 copies[node] = graph.node_copy(node, lambda n: copies.get(n, n))
+                copies[node].meta[ANCHOR_PASS] = True
                 node.meta[TWIN] = copies[node].name   # for later passes: the same value at the anchor, by name
         self.copied = len(to_copy)
 

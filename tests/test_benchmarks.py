@@ -14,8 +14,8 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ["eager_sgd", "compiled_sgd", "torchhalp_eager", "compiled_svrg", "compiled_halp8", "compiled_halp4",
-           "compiled_halp8_int8", "optim_halp"]
+METHODS = ["eager_sgd", "compiled_sgd", "compiled_sgd_bf16_autocast", "torchhalp_eager", "compiled_svrg",
+           "compiled_halp8", "compiled_halp4", "compiled_halp8_int8", "compiled_halp8_int8_bf16", "optim_halp"]
 HALP_LIKE = ["torchhalp_eager", "compiled_svrg", "compiled_halp8", "compiled_halp4", "compiled_halp8_int8", "optim_halp"]
 IN_SUBPROCESS = ["torchhalp_eager", "compiled_halp8"]  # each subprocess costs a torch import
 
@@ -74,6 +74,27 @@ def test_int8_method_runs_or_says_why(report):
     assert {"cpu_flags", "int8_products_env"} <= set(report["meta"])
 
 
+def multiply_adds(line):
+    """The total of a matrix-work line, ``... (1.23 M in all, ...)``, in multiply-adds."""
+    amount, unit = line.split("(", 1)[1].split(" in all")[0].split()
+    return float(amount) * {"M": 1e6, "G": 1e9}[unit]
+
+
+def test_matrix_work_is_reported_by_precision_for_every_graph_method(report):
+    """SVRG does the SGD step's products twice (at W and at the anchor), all float32; bf16 autocast SGD does the
+    same products as SGD on bf16 operands; the int8 HALP step's line says what share is low precision."""
+    methods = report[0]["results"][0]["methods"]
+    sgd, svrg = methods["compiled_sgd"]["matrix_work"], methods["compiled_svrg"]["matrix_work"]
+    assert sgd.startswith("W: ") and "float32" in sgd and "0% low precision" in sgd
+    assert "anchor: " in svrg and "bf16" not in svrg and "int8" not in svrg
+    assert multiply_adds(svrg) == pytest.approx(2 * multiply_adds(sgd), rel=0.01)
+    autocast = methods["compiled_sgd_bf16_autocast"]["matrix_work"]
+    assert "bf16" in autocast and multiply_adds(autocast) == pytest.approx(multiply_adds(sgd), rel=0.01)
+    for name in ("compiled_halp8_int8", "compiled_halp8_int8_bf16"):
+        assert "% low precision" in methods[name]["matrix_work"]
+    assert "halp8_int8_bf16_over_bf16_autocast_sgd_inner" in report[0]["results"][0]["ratios"]
+
+
 def test_markdown_table_names_the_cpu_flags(report, tmp_path):
     out = tmp_path / "report.json"
     out.write_text(json.dumps(report[0]))
@@ -81,6 +102,7 @@ def test_markdown_table_names_the_cpu_flags(report, tmp_path):
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| compiled_halp8_int8 |" in done.stdout and "CPU flags:" in done.stdout
+    assert "compiled_halp8_int8_bf16, " in done.stdout and "matrix work" in done.stdout
 
 
 def test_every_method_has_positive_timings(report):

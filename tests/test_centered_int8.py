@@ -50,17 +50,79 @@ def test_int8_training_follows_float32_halp(int8_everywhere):
 def test_a_centered_product_is_within_the_bound_of_its_quantization_steps(levels):
     g = torch.Generator().manual_seed(0)
     a_anchor, b_anchor = torch.randn(16, 32, generator=g), torch.randn(32, 8, generator=g)
-    a, b = a_anchor + 0.01 * torch.randn(16, 32, generator=g), b_anchor + 0.01 * torch.randn(32, 8, generator=g)
-    centered = centered_int8.centered_mm(a_anchor @ b_anchor, a, a_anchor, b, b_anchor, second_levels=levels)
+    a = a_anchor + 0.01 * torch.randn(16, 32, generator=g)
+    offset, scale = torch.randint(-128, 128, (32, 8), generator=g, dtype=torch.int8), torch.tensor(1e-4)
+    b = b_anchor + scale * offset.float()   # a weight: W = A + d * Z
+    qa, sa = centered_int8.quantize_rows(a - a_anchor)
+    qb, sb = centered_int8.quantize_columns(b_anchor, levels=levels)
+    qw, sw = centered_int8.quantize_rows(a)
+    centered = (a_anchor @ b_anchor + centered_int8.int8_term(qa, sa, qb, sb)
+                + centered_int8.int8_term(qw, sw, offset, scale, wide_second=levels < 127))
     exact = a @ b
-
-    def bound(x, y):   # |x y - x^ y^| <= |x| |y - y^| + |x - x^| |y^|, each error at most half a step
-        _, sx = centered_int8.quantize(x, 1, centered_int8.FULL_RANGE)
-        qy, sy = centered_int8.quantize(y, 0, levels)
-        return x.abs() @ (sy / 2).expand_as(y) + (sx / 2).expand_as(x) @ (qy.float() * sy).abs()
-    limit = bound(a - a_anchor, b_anchor) + bound(a, b - b_anchor) + 1e-5 * exact.abs() + 1e-6
+    # |x y - x^ y^| <= |x| |y - y^| + |x - x^| |y^|, each error at most half a step; d * Z enters exactly.
+    limit = ((a - a_anchor).abs() @ (sb / 2).expand_as(b_anchor) + (sa / 2).expand_as(a) @ (qb.float() * sb).abs()
+             + (sw / 2).expand_as(a) @ (scale * offset.float()).abs() + 1e-5 * exact.abs() + 1e-6)
     assert ((centered - exact).abs() <= limit).all()
     assert (centered - exact).abs().max() < 0.02 * (a @ b - a_anchor @ b_anchor).abs().max()
+
+
+def test_a_weights_difference_enters_as_its_offset_and_scale_not_quantized(int8_everywhere):
+    step, data = make_step("int8", T=3)
+    step(*data[0])
+    code = step.graphs["centered_int8"].code
+    assert re.search(r"int8_term\(q_\w+, s_\w+, t_offset_\w+, scale_\w+", code)
+    assert "w_p0_weight" not in code and "w_p2_weight" not in code   # W = A + d*Z is not even computed
+
+
+def three_layer_mlp():
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def float32_products(gm):
+    return [n.name for n in gm.graph.nodes if n.op == "call_function"
+            and n.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)]
+
+
+@pytest.mark.parametrize("arithmetic, products", [("fp32", 16), ("int8", 5)])
+def test_the_anchors_weight_gradient_products_are_gone(int8_everywhere, arithmetic, products):
+    """3 layers: forward 3 + grad-input 2 + weight-gradient 3 products per pass. With centered products the pass
+    at W has none in float32, and the anchor's 3 weight-gradient products are dead: 5 remain."""
+    torch.manual_seed(0)
+    data = classification_data("mlp")
+    step = halp_fx.transform(three_layer_mlp(), 8, loss_fn=F.cross_entropy, data_loader=data, compile=False,
+                             arithmetic=arithmetic)
+    step(*data[0])
+    assert len(float32_products(list(step.graphs.values())[-1])) == products
+    if arithmetic == "int8":
+        assert "3 anchor products they no longer need were removed" in step.explain()
+
+
+def test_a_weights_corrected_gradient_is_the_full_gradient_plus_the_centered_difference(int8_everywhere):
+    step, data = make_step("int8")
+    step(*data[0])
+    code = step.graphs["anchor_difference"].code
+    assert re.search(r"corrected_grad_p0_weight = halp_fx_bit_centering_corrected_by_difference\(", code)
+    assert "corrected_grad_p0_bias = halp_fx_bit_centering_svrg_corrected(" in code   # a sum through a ReLU mask
+
+
+def test_matrix_work_is_counted_by_pass_and_precision(int8_everywhere):
+    from halp_fx.matrix_work import matrix_work
+    torch.manual_seed(0)
+    data = classification_data("mlp")
+    x = data[0][0]
+    steps = {arithmetic: halp_fx.transform(three_layer_mlp(), 8, loss_fn=F.cross_entropy, compile=False,
+                                           arithmetic=arithmetic) for arithmetic in ("fp32", "int8")}
+    for step in steps.values():
+        step(*data[0])
+    n = x.shape[0]
+    forward = n * (8 * 16 + 16 * 16 + 16 * 3)
+    sgd = forward + n * (16 * 3 + 16 * 16) + forward   # forward, grad inputs of layers 2 and 3, weight gradients
+    fp32 = matrix_work(list(steps["fp32"].graphs.values())[-1])
+    assert fp32 == {("anchor", "float32"): sgd, ("W", "float32"): sgd}
+    assert matrix_work(steps["fp32"].graphs["captured"]) == {("W", "float32"): sgd}
+    int8 = matrix_work(list(steps["int8"].graphs.values())[-1])
+    assert int8[("anchor", "float32")] == forward + n * (16 * 3 + 16 * 16)
+    assert set(int8) == {("anchor", "float32"), ("W", "int8")} and "low precision" in steps["int8"].explain()
 
 
 def test_int8_products_on_this_cpu_equal_the_int32_reference():
@@ -119,13 +181,21 @@ class TestGoldenCenteredInt8(expecttest.TestCase):
         finally:
             del os.environ["HALP_FX_INT8_PRODUCTS"]
         # The second operand's range depends on the CPU (7 bits without VNNI/AMX): the golden names it L.
-        code = re.sub(r"second_levels = \d+", "second_levels = L", readable(step.graphs["centered_int8"].code))
-        lines = [line.strip() for line in code.splitlines() if "centered" in line or "mm.default" in line]
+        code = re.sub(r"levels = \d+", "levels = L", readable(step.graphs["centered_int8"].code))
+        lines = [line.strip() for line in code.splitlines()
+                 if "centered" in line or "mm.default" in line or "_int8 =" in line or "_difference =" in line]
         self.assertExpectedInline("\n".join(lines), """\
+quantize_batch_1 = halp_fx_centered_int8_quantize_rows(batch_0)
+int8_term_1 = halp_fx_centered_int8_int8_term(q_batch_1, s_batch_1, t_offset_weight, scale_weight)
+offset_value = halp_fx_centered_int8_offset_value(offset_bias, scale_bias)
+addmm_difference = torch.ops.aten.add.Tensor(int8_term_1, offset_value)
 addmm_1 = torch.ops.aten.addmm.default(anchor_bias, batch_0, t_4)
-addmm_int8 = halp_fx_centered_int8_centered_addmm(addmm_1, w_bias, anchor_bias, batch_0, None, t, t_4, second_levels = L)
+addmm_int8 = torch.ops.aten.add.Tensor(addmm_1, addmm_difference)
+quantize_sub = halp_fx_centered_int8_quantize_rows(sub)
+quantize_batch_0 = halp_fx_centered_int8_quantize_columns(batch_0, levels = L)
+int8_term = halp_fx_centered_int8_int8_term(q_sub, s_sub, q_batch_0, s_batch_0)
 mm_1 = torch.ops.aten.mm.default(t_5, batch_0)
-mm_int8 = halp_fx_centered_int8_centered_mm(mm_1, t_1, t_5, batch_0, None, second_levels = L)""")
+mm_int8 = torch.ops.aten.add.Tensor(mm_1, int8_term)""")
         doc = halp_fx.passes.centered_int8_pass.__doc__.split("After::", 1)[1].split("\n\n")[1]
-        for line in re.sub(r"second_levels = \d+", "second_levels = L", doc).splitlines():
+        for line in re.sub(r"levels = \d+", "levels = L", doc).splitlines():
             assert line.strip() in lines, line

@@ -110,11 +110,11 @@ def forward(self, anchor_weight, offset_weight, scale_weight, anchor_bias, offse
 -def forward(self, anchor_weight, offset_weight, scale_weight, anchor_bias, offset_bias, scale_bias, batch_0, batch_1, full_grad_weight, full_grad_bias):
 +def forward(self, anchor_weight, offset_weight, scale_weight, anchor_bias, offset_bias, scale_bias, batch_0, batch_1, full_grad_weight, full_grad_bias, lr, underflow_weight, underflow_bias):
 -    return (view, corrected_grad_weight, corrected_grad_bias)
-+    update_weight = halp_fx_bit_centering_offset_update(offset_weight, scale_weight, w_weight, corrected_grad_weight, None, lr, weight_decay = 0.0, momentum = 0.0, bits = 8, rounding = 'nearest')
++    update_weight = halp_fx_bit_centering_offset_update(offset_weight, scale_weight, None, corrected_grad_weight, None, lr, weight_decay = 0.0, momentum = 0.0, bits = 8, rounding = 'nearest')
 +    new_offset_weight = update_weight[0]
 +    step_underflow_weight = update_weight[3]
 +    new_underflow_weight = torch.ops.aten.add.Tensor(underflow_weight, step_underflow_weight)
-+    update_bias = halp_fx_bit_centering_offset_update(offset_bias, scale_bias, w_bias, corrected_grad_bias, None, lr, weight_decay = 0.0, momentum = 0.0, bits = 8, rounding = 'nearest')
++    update_bias = halp_fx_bit_centering_offset_update(offset_bias, scale_bias, None, corrected_grad_bias, None, lr, weight_decay = 0.0, momentum = 0.0, bits = 8, rounding = 'nearest')
 +    new_offset_bias = update_bias[0]
 +    step_underflow_bias = update_bias[3]
 +    new_underflow_bias = torch.ops.aten.add.Tensor(underflow_bias, step_underflow_bias)

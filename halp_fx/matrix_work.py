@@ -1,0 +1,76 @@
+"""The matrix work of a step by precision: multiply-adds of every product, at the anchor and at W apart.
+
+Counted from a graph's shapes alone, so it shows on any machine which products
+a rewrite removed and what share of the work runs in low precision.
+"""
+import math
+from collections import Counter
+
+import torch
+
+from . import bf16_anchor, centered_int8
+
+aten = torch.ops.aten
+ANCHOR_PASS = "halp_anchor_pass"  # node meta: the node belongs to the gradient pass at the anchor
+
+
+def _shape(node):
+    return tuple(node.meta["val"].shape)
+
+
+def _dtype(node):
+    return {torch.float32: "float32", torch.bfloat16: "bf16", torch.int8: "int8"}.get(node.meta["val"].dtype,
+                                                                                      str(node.meta["val"].dtype))
+
+
+def _product(node):
+    """``(precision, multiply-adds)`` of a product node, or ``None``."""
+    target, args = node.target, node.args
+    if target in (aten.mm.default, bf16_anchor.mm) or target is centered_int8.int8_term:
+        a, b = (args[0], args[2]) if target is centered_int8.int8_term else args
+        (m, k), n = _shape(a), _shape(b)[1]
+        return _dtype(a), m * k * n
+    if target in (aten.addmm.default, bf16_anchor.addmm):
+        (m, k), n = _shape(args[1]), _shape(args[2])[1]
+        return _dtype(args[1]), m * k * n
+    if target is aten.bmm.default:
+        (batch, m, k), n = _shape(args[0]), _shape(args[1])[2]
+        return _dtype(args[0]), batch * m * k * n
+    if target is aten.convolution.default:
+        weight = _shape(args[1])
+        return _dtype(args[0]), math.prod(node.meta["val"].shape) * math.prod(weight[1:])
+    if target is aten.convolution_backward.default:
+        grad, weight, mask = args[0], _shape(args[2]), args[-1]
+        per = math.prod(_shape(grad)) * math.prod(weight[1:])
+        return _dtype(grad), per * (int(mask[0]) + int(mask[1]))
+    return None
+
+
+def matrix_work(gm):
+    """``{(pass, precision): multiply-adds}`` of one call of ``gm``: ``pass`` is ``"anchor"`` or ``"W"``."""
+    work = Counter()
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        product = _product(node)
+        if product is not None:
+            work[("anchor" if node.meta.get(ANCHOR_PASS) else "W", product[0])] += product[1]
+    return dict(work)
+
+
+def _amount(n):
+    return f"{n / 1e9:.3g} G" if n >= 1e9 else f"{n / 1e6:.3g} M"
+
+
+def describe(work):
+    """One line: ``anchor: 0.55 G float32 + ...; W: ... multiply-adds per step (... in all, x% low precision)``."""
+    if not work:
+        return "no matrix products"
+    parts = []
+    for where in ("anchor", "W"):
+        mine = {p: n for (w, p), n in sorted(work.items()) if w == where}
+        if mine:
+            parts.append(f"{where}: " + " + ".join(f"{_amount(n)} {p}" for p, n in mine.items()))
+    total = sum(work.values())
+    low = sum(n for (_, p), n in work.items() if p != "float32")
+    return f"{'; '.join(parts)} multiply-adds per step ({_amount(total)} in all, {100 * low / total:.0f}% low precision)"
