@@ -9,7 +9,7 @@
 #   1. the tests parametrized over devices, CUDA cases only (pytest -k cuda: tests/test_compiled.py today),
 #      log in RESULTS_DIR/tests.log;
 #   2. benchmarks/run.py --device cuda on mlp1024 (784-1024-1024-10) and the CNN at batch 128 for compiled_sgd,
-#      compiled_svrg, compiled_halp8 and compiled_halp8_int8, quick-like counts (3 rounds of 8 batches, no
+#      compiled_sgd_bf16_autocast, compiled_svrg, compiled_halp8, compiled_halp8_int8 and compiled_halp8_int8_bf16, quick-like counts (3 rounds of 8 batches, no
 #      first-call subprocesses), one JSON and one Markdown table per model, then RESULTS_DIR/benchmarks.md with both.
 # On a machine without a GPU it prints why and exits 0 having run nothing.
 # Override the limits with CUDA_CHECK_TEST_TIMEOUT / CUDA_CHECK_BENCH_TIMEOUT (seconds, per stage).
@@ -20,7 +20,7 @@ OUT="${1:-results/cuda}"
 PYTHON="${PYTHON:-python}"
 TEST_TIMEOUT="${CUDA_CHECK_TEST_TIMEOUT:-150}"
 BENCH_TIMEOUT="${CUDA_CHECK_BENCH_TIMEOUT:-150}"
-METHODS=(compiled_sgd compiled_svrg compiled_halp8 compiled_halp8_int8)
+METHODS=(compiled_sgd compiled_sgd_bf16_autocast compiled_svrg compiled_halp8 compiled_halp8_int8 compiled_halp8_int8_bf16)
 
 cd "$ROOT" || exit 1
 

@@ -1,14 +1,15 @@
-"""The char LSTM's held-out perplexity with fp32 and int8 arithmetic, over several seeds.
+"""The char LSTM's held-out perplexity with fp32 and int8 arithmetic (float32 and bf16 anchor), over several seeds.
 
     python benchmarks/int8_char_lstm_seeds.py --seeds 0,1,2,3,4 --out docs/results/int8/char_lstm_seeds.csv
 
 One seed of the char LSTM example is not enough to compare two arithmetics: its
 300 steps at lr 4 end 9.05 to 10.0 apart for fp32 HALP alone as the seed changes
 (weights and batch order). This trains HALP 8-bit (mu=1, the example's
-defaults) with ``arithmetic="fp32"`` and ``"int8"`` for every seed and writes
-one row per (arithmetic, seed) plus the mean of each.
+defaults) with ``arithmetic="fp32"``, ``"int8"`` and ``"int8"`` with
+``anchor_precision="bf16"`` (the row's arithmetic ``int8_bf16``) for every seed,
+and writes one row per (arithmetic, seed) plus the mean of each.
 
-The int8 products run whatever the CPU (``HALP_FX_INT8_PRODUCTS=always``). On a
+The int8 and bf16 products run whatever the CPU (``HALP_FX_INT8_PRODUCTS=always``). On a
 CPU without AVX512-VNNI or AMX, ``torch._int_mm`` runs a reference kernel 33x
 slower than float32 (6 minutes a run here); ``--float32-sums`` computes the same
 int8 x int8 products as float32 products of the int8 values instead. Every
@@ -40,16 +41,21 @@ def float32_sums(a, b):
     return (a.to(torch.float32) @ b.to(torch.float32)).to(torch.int32)
 
 
+ARITHMETICS = ("fp32", "int8", "int8_bf16")
+
+
 def train_both(seed, example_args):
     """One row per arithmetic: HALP 8-bit's held-out perplexity on the char LSTM with this seed."""
     example = char_lstm.parse_args(["--seed", str(seed), "--mu", "1", *example_args])
     torch.set_num_threads(example.threads)
     train_batches, val_batches, vocabulary = char_lstm.load_batches(example)
     rows = []
-    for arithmetic in ("fp32", "int8"):
+    for arithmetic in ARITHMETICS:
         def make_step(model, arithmetic=arithmetic):
             return halp_fx.transform(model, 8, loss_fn=char_lstm.next_char_loss, data_loader=train_batches,
-                                     lr=example.lr, T=example.T, mu=example.mu, compile=False, arithmetic=arithmetic)
+                                     lr=example.lr, T=example.T, mu=example.mu, compile=False,
+                                     arithmetic=arithmetic.split("_")[0],
+                                     anchor_precision="bf16" if arithmetic.endswith("_bf16") else "fp32")
         _, summary = char_lstm.train(f"HALP 8-bit {arithmetic} seed {seed}", make_step, len(vocabulary),
                                      train_batches, val_batches, example)
         rows.append({"arithmetic": arithmetic, "seed": seed, "val_perplexity": summary["val_perplexity"]})
@@ -79,11 +85,13 @@ def main(argv=None):
             os.environ.pop("HALP_FX_INT8_PRODUCTS")
         else:
             os.environ["HALP_FX_INT8_PRODUCTS"] = forced
-    for arithmetic in ("fp32", "int8"):
+    means = {}
+    for arithmetic in ARITHMETICS:
         values = [r["val_perplexity"] for r in rows if r["arithmetic"] == arithmetic]
-        rows.append({"arithmetic": arithmetic, "seed": "mean", "val_perplexity": statistics.mean(values)})
-    fp32, int8 = rows[-2]["val_perplexity"], rows[-1]["val_perplexity"]
-    print(f"mean held-out perplexity: fp32 {fp32:.3f}, int8 {int8:.3f} ({100 * (int8 / fp32 - 1):+.1f}%)")
+        means[arithmetic] = statistics.mean(values)
+        rows.append({"arithmetic": arithmetic, "seed": "mean", "val_perplexity": means[arithmetic]})
+    print("mean held-out perplexity: " + ", ".join(
+        f"{a} {m:.3f} ({100 * (m / means['fp32'] - 1):+.1f}%)" for a, m in means.items()))
     print("wrote", write_csv(args.out, rows))
     return rows
 

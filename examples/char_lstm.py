@@ -48,8 +48,9 @@ def parse_args(argv=None):
     parser.add_argument("--sweep-mu", type=str, default=None,
                         help="comma-separated mu values ('auto' among them): run only HALP, once per mu, and write mu_sweep.csv")
     parser.add_argument("--int8", action="store_true",
-                        help="also run HALP with arithmetic='int8' (set HALP_FX_INT8_PRODUCTS=always on a CPU "
-                             "without VNNI/AMX, where its products otherwise stay float32)")
+                        help="also run HALP with arithmetic='int8', with a float32 and with a bf16 anchor "
+                             "(HALP_FX_INT8_PRODUCTS=always forces the low-precision products on a CPU where they "
+                             "do not pay)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch order (default: 0)")
     parser.add_argument("--out", type=str, default="results/char_lstm", help="output directory")
@@ -129,9 +130,10 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     train_batches, val_batches, vocabulary = load_batches(args)
 
-    def halp(bits, mu=args.mu, arithmetic="fp32"):
+    def halp(bits, mu=args.mu, arithmetic="fp32", anchor_precision="fp32"):
         return lambda model: halp_fx.transform(model, bits, loss_fn=next_char_loss, data_loader=train_batches,
-                                               lr=args.lr, T=args.T, mu=mu, compile=False, arithmetic=arithmetic)
+                                               lr=args.lr, T=args.T, mu=mu, compile=False, arithmetic=arithmetic,
+                                               anchor_precision=anchor_precision)
 
     def sgd(model):
         return optimizer_step(model, torch.optim.SGD(model.parameters(), lr=args.lr), next_char_loss)
@@ -154,7 +156,9 @@ def main(argv=None):
     methods = [("SGD", sgd), (f"LP-SGD {args.bits}-bit", lp_sgd), ("SVRG", halp(None)),
                (f"HALP {args.bits}-bit", halp(args.bits))]
     if args.int8:
-        methods.append((f"HALP {args.bits}-bit int8", halp(args.bits, arithmetic="int8")))
+        methods += [(f"HALP {args.bits}-bit int8", halp(args.bits, arithmetic="int8")),
+                    (f"HALP {args.bits}-bit int8 bf16-anchor", halp(args.bits, arithmetic="int8",
+                                                                  anchor_precision="bf16"))]
     curves, table = [], []
     for name, make_step in methods:
         rows, summary = train(name, make_step, len(vocabulary), train_batches, val_batches, args)

@@ -102,9 +102,10 @@ def optimizer_step(model, optimizer, loss_fn):
 def classification_methods(args, batches):
     """The image classifiers' five methods as ``(name, make_step)``, ``make_step(model)`` building a fresh training
     step, and ``halp(bits, mu)``, the HALP builder a mu sweep calls. ``batches`` feed HALP's full gradient."""
-    def halp(bits, mu, arithmetic="fp32"):
+    def halp(bits, mu, arithmetic="fp32", anchor_precision="fp32"):
         return lambda model: halp_fx.transform(model, bits, loss_fn=F.cross_entropy, data_loader=batches, lr=args.lr,
-                                               T=args.T, mu=mu, compile=args.compile, arithmetic=arithmetic)
+                                               T=args.T, mu=mu, compile=args.compile, arithmetic=arithmetic,
+                                               anchor_precision=anchor_precision)
 
     def sgd(model):
         return optimizer_step(model, torch.optim.SGD(model.parameters(), lr=args.lr), F.cross_entropy)
@@ -116,7 +117,8 @@ def classification_methods(args, batches):
     methods = [("SGD", sgd), ("LP-SGD 8-bit", lp_sgd), ("SVRG", halp(None, args.mu)),
                ("HALP 8-bit", halp(8, args.mu)), ("HALP 4-bit", halp(4, args.mu4))]
     if getattr(args, "int8", False):
-        methods.append(("HALP 8-bit int8", halp(8, args.mu, "int8")))
+        methods += [("HALP 8-bit int8", halp(8, args.mu, "int8")),
+                    ("HALP 8-bit int8 bf16-anchor", halp(8, args.mu, "int8", "bf16"))]
     return methods, halp
 
 

@@ -59,8 +59,9 @@ def parse_args(argv=None):
     parser.add_argument("--sweep-bits", type=lambda t: [int(b) for b in t.split(",")], default=None,
                         help="comma-separated widths --sweep-mu runs (default: 8,4)")
     parser.add_argument("--int8", action="store_true",
-                        help="also run HALP 8-bit with arithmetic='int8' (set HALP_FX_INT8_PRODUCTS=always on a CPU "
-                             "without VNNI/AMX, where its products otherwise stay float32)")
+                        help="also run HALP 8-bit with arithmetic='int8', with a float32 and with a bf16 anchor "
+                             "(HALP_FX_INT8_PRODUCTS=always forces the low-precision products on a CPU where they "
+                             "do not pay)")
     parser.add_argument("--compile", action="store_true", help="compile the HALP/SVRG graphs with Inductor")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subset, weights and batch order")

@@ -42,8 +42,9 @@ def parse_args(argv=None):
                         help="comma-separated mu values ('auto' among them): run only HALP, once per mu, and write mu_sweep.csv")
     parser.add_argument("--compile", action="store_true", help="compile the HALP/SVRG graphs with Inductor")
     parser.add_argument("--int8", action="store_true",
-                        help="also run HALP with arithmetic='int8' (set HALP_FX_INT8_PRODUCTS=always on a CPU "
-                             "without VNNI/AMX, where its products otherwise stay float32)")
+                        help="also run HALP with arithmetic='int8', with a float32 and with a bf16 anchor "
+                             "(HALP_FX_INT8_PRODUCTS=always forces the low-precision products on a CPU where they "
+                             "do not pay)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1, the model is tiny)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data order (default: 0)")
     parser.add_argument("--out", type=str, default="results/regression", help="output directory")
@@ -89,10 +90,10 @@ def main(argv=None):
     batches = [(X[i:i + 1], Y[i:i + 1]) for i in range(args.samples)]
     T = args.T or args.samples
 
-    def halp_step(bits, mu=args.mu, arithmetic="fp32"):
+    def halp_step(bits, mu=args.mu, arithmetic="fp32", anchor_precision="fp32"):
         model = linear_model(args.features)
         return halp_fx.transform(model, bits, loss_fn=F.mse_loss, data_loader=batches, lr=args.lr, T=T, mu=mu,
-                                 compile=args.compile, arithmetic=arithmetic)
+                                 compile=args.compile, arithmetic=arithmetic, anchor_precision=anchor_precision)
 
     def sgd():
         model = linear_model(args.features)
@@ -116,7 +117,9 @@ def main(argv=None):
     methods = [("SGD", sgd), (f"LP-SGD {args.bits}-bit", lp_sgd), ("SVRG", lambda: halp_step(None)),
                (f"HALP {args.bits}-bit", lambda: halp_step(args.bits))]
     if args.int8:
-        methods.append((f"HALP {args.bits}-bit int8", lambda: halp_step(args.bits, arithmetic="int8")))
+        methods += [(f"HALP {args.bits}-bit int8", lambda: halp_step(args.bits, arithmetic="int8")),
+                    (f"HALP {args.bits}-bit int8 bf16-anchor",
+                     lambda: halp_step(args.bits, arithmetic="int8", anchor_precision="bf16"))]
     curves, table = [], []
     for name, make_step in methods:
         rows, seconds = train(name, make_step, batches, w_opt, args)

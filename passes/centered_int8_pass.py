@@ -42,7 +42,12 @@ from .svrg_correction_pass import TWIN
 
 aten = torch.ops.aten
 _PRODUCTS = (aten.mm.default, aten.addmm.default)
-_FLOAT32_ONLY = (aten.bmm.default, aten.convolution.default, aten.convolution_backward.default)
+# Products left float32, with the reason explain() gives. A convolution's int8 correction would cost more than the
+# float32 convolution it corrects (two corrections each; benchmarks/int8_convolution.py measures every route).
+_FLOAT32_ONLY = {aten.bmm.default: "no int8 batched product here",
+                 aten.convolution.default: "int8 does not pay for a convolution (benchmarks/int8_convolution.py)",
+                 aten.convolution_backward.default: "int8 does not pay for a convolution "
+                                                    "(benchmarks/int8_convolution.py)"}
 # Ops through which a weight's difference stays d * (the same op of Z): W - A = d * Z, view(W) - view(A) = d * view(Z).
 VIEWS = (aten.t.default, aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default,
          aten.transpose.int, aten.expand.default, aten.alias.default, aten.clone.default)
@@ -84,8 +89,8 @@ class CenteredInt8Pass(HalpPass):
         pays, why = centered_int8.products_pay(device)
         self.levels = centered_int8.second_operand_levels(device)
         self.offsets, self.scales = placeholders(graph, Role.OFFSET), placeholders(graph, Role.SCALE)
-        for target in _FLOAT32_ONLY:
-            self.fell_back += [(n.name, f"{target.__name__.split('.')[0]}: no int8 kernel here")
+        for target, reason in _FLOAT32_ONLY.items():
+            self.fell_back += [(n.name, f"{target.__name__.split('.')[0]}: {reason}")
                                for n in find_nodes(graph, "call_function", target) if TWIN in n.meta]
         for node in [n for target in _PRODUCTS for n in find_nodes(graph, "call_function", target) if TWIN in n.meta]:
             reason = self._why_float32(node, device, pays, why)

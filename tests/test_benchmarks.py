@@ -176,14 +176,15 @@ def test_float32_sums_give_the_int8_products_to_the_bit():
         float32_sums(torch.zeros(2, 1041, dtype=torch.int8), torch.zeros(1041, 2, dtype=torch.int8))
 
 
-def test_char_lstm_seeds_write_both_arithmetics_and_their_means(tmp_path):
+def test_char_lstm_seeds_write_each_arithmetic_and_their_means(tmp_path):
     from benchmarks import int8_char_lstm_seeds
     out = tmp_path / "seeds.csv"
     rows = int8_char_lstm_seeds.main(["--seeds", "0", "--float32-sums", "--out", str(out), "--example-args",
                                       "--epochs 1 --train-batches 2 --val-batches 1 --hidden 8"])
-    assert [(r["arithmetic"], r["seed"]) for r in rows] == [("fp32", 0), ("int8", 0), ("fp32", "mean"),
-                                                          ("int8", "mean")]
-    assert rows[0]["val_perplexity"] != rows[1]["val_perplexity"]  # the int8 products did run
+    assert [(r["arithmetic"], r["seed"]) for r in rows] == [("fp32", 0), ("int8", 0), ("int8_bf16", 0),
+                                                          ("fp32", "mean"), ("int8", "mean"), ("int8_bf16", "mean")]
+    # the int8 products did run, and the bf16 anchor's products too
+    assert len({rows[i]["val_perplexity"] for i in range(3)}) == 3
     assert out.read_text().splitlines()[0] == "arithmetic,seed,val_perplexity"
     # It forces the int8 products only while it runs: later tests see this CPU's own choice again.
     from halp_fx import centered_int8

@@ -7,7 +7,10 @@ import torch.nn.functional as F
 
 import halp_fx
 from halp_fx import bf16_anchor
+from halp_fx.roles import Role, role_of
 from models import classification_data, mlp
+
+BF16_UNIT_ROUNDOFF = 2.0 ** -8
 
 
 @pytest.fixture
@@ -65,6 +68,44 @@ def test_bf16_anchor_training_follows_float32_halp_at_every_step(low_precision_e
         assert (bf16.weights()[n] - w).abs().max() <= 0.05 * w.abs().max()
 
 
+def corrected_gradients(gm, step, offsets, scale, batch):
+    """One call of a stage graph (inputs by role: the step's anchors, ``offsets``, one ``scale`` for every tensor,
+    a zero full gradient, so the direction is g(W) - g(A) alone): the corrected gradients, flattened."""
+    zero = {n: torch.zeros_like(a) for n, a in step.anchor.items()}
+    state = {Role.ANCHOR: step.anchor, Role.OFFSET: offsets, Role.SCALE: {n: torch.tensor(scale) for n in offsets},
+             Role.FULL_GRAD: zero, Role.BATCH: dict(enumerate(batch))}
+    inputs = [state[role][name] for role, name in (role_of(n) for n in gm.graph.nodes if n.op == "placeholder")]
+    return torch.cat([g.flatten() for g in gm(*inputs)[1:]])
+
+
+def test_the_bf16_anchor_error_is_of_order_bf16_rounding_times_the_difference(low_precision_everywhere):
+    """x_W is built on the anchor's value (x_A + an int8 correction), so bf16's error in x_A enters both passes and
+    cancels in g(W) - g(A): what is left is of order 2^-8 |g(W) - g(A)|, shrinking with W - A and zero at a recenter,
+    not the 2^-8 |g(A)| a bf16 gradient alone would have. (A smooth activation: at a ReLU's kink a unit within
+    bf16's rounding of zero can switch sides between the passes; the README gives that term.)"""
+    torch.manual_seed(0)
+    data = classification_data("mlp")
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    step = halp_fx.transform(model, 8, arithmetic="int8", anchor_precision="bf16", loss_fn=F.cross_entropy,
+                             data_loader=data, lr=0.1, mu=0.5, compile=False, rounding="nearest")
+    step(*data[0])
+    stages = step.graphs
+    g = torch.Generator().manual_seed(1)
+    offsets = {n: torch.randint(-127, 128, a.shape, generator=g, dtype=torch.int8) for n, a in step.anchor.items()}
+    errors = {}
+    for size in (0.0, 1e-4, 1e-3, 1e-2, 1e-1):   # the largest |W - A| entry
+        scale = size / 127
+        exact = corrected_gradients(stages["svrg_correction"], step, offsets, scale, data[1])
+        fp32_anchor = corrected_gradients(stages["anchor_difference"], step, offsets, scale, data[1])
+        bf16 = corrected_gradients(stages["bf16_anchor"], step, offsets, scale, data[1])
+        errors[size] = float((bf16 - fp32_anchor).norm())
+        assert errors[size] <= 4 * BF16_UNIT_ROUNDOFF * float(exact.norm()), (size, errors[size], exact.norm())
+    assert errors[0.0] == 0.0
+    assert errors[1e-4] < errors[1e-3] < errors[1e-2] < errors[1e-1]
+    gradient = torch.cat([g.flatten() for g in step.full_grad.values()]).norm()
+    assert errors[1e-4] <= 0.01 * BF16_UNIT_ROUNDOFF * float(gradient)
+
+
 def test_where_bf16_does_not_pay_the_anchor_stays_float32_and_explain_says_why(monkeypatch):
     monkeypatch.setattr(bf16_anchor, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
     step, data = make_step()
@@ -96,3 +137,27 @@ def test_anchor_constants_follow_every_recenter_and_a_loaded_state(low_precision
     for x, y in data[5:]:
         assert torch.equal(step(x, y), resumed(x, y))
         assert all(torch.equal(step.offset[n], resumed.offset[n]) for n in step.offset)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_compiled_int8_step_on_a_bf16_anchor_matches_the_same_graph_run_eagerly(low_precision_everywhere, device):
+    """Sizes that CUDA's int8 kernel takes (over 16 rows, multiples of 8) where it can; Inductor compiles the casts,
+    the int8 corrections and the update around the same bf16 and int8 products."""
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(32, 32, generator=g).to(device), torch.randint(0, 8, (32,), generator=g).to(device))
+            for _ in range(3)]
+
+    def build(compile):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).to(device)
+        return halp_fx.transform(model, 8, loss_fn=F.cross_entropy, data_loader=data, lr=0.1, mu=0.5, T=2,
+                                 rounding="nearest", arithmetic="int8", anchor_precision="bf16", compile=compile)
+    eager, compiled = build(False), build(True)
+    for x, y in data * 2:
+        torch.testing.assert_close(compiled(x, y), eager(x, y), rtol=1e-4, atol=1e-5)
+    flips = sum(int((compiled.offset[n] != eager.offset[n]).sum()) for n in eager.offset)
+    assert flips <= 2
+    assert "anchor products under centered products take bf16 operands" in compiled.explain()

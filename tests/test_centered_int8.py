@@ -151,7 +151,8 @@ def test_convolutions_are_named_as_float32(int8_everywhere):
     step = halp_fx.transform(SmallCNN(), 8, loss_fn=F.cross_entropy, data_loader=data, compile=False,
                              arithmetic="int8")
     step(*data[0])
-    assert re.search(r"float32 \(convolution: no int8 kernel here\): convolution", step.explain())
+    assert re.search(r"float32 \(convolution: int8 does not pay for a convolution "
+                     r"\(benchmarks/int8_convolution.py\)\): convolution", step.explain())
 
 
 def test_compiled_int8_step_matches_the_same_graph_run_eagerly(int8_everywhere):
