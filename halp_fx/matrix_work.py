@@ -1,5 +1,8 @@
 """The matrix work of a step by precision: multiply-adds of every product, at the anchor and at W apart.
 
+Products are ``mm``, ``addmm``, ``bmm``, convolutions (forward and backward), fused attention and the int8
+and bf16 products the low-precision passes put in their place.
+
 Counted from a graph's shapes alone, so it shows on any machine which products
 a rewrite removed and what share of the work runs in low precision.
 """
@@ -23,6 +26,18 @@ def _dtype(node):
                                                                                       str(node.meta["val"].dtype))
 
 
+def _attention(node):
+    """``(precision, multiply-adds)`` of a fused attention node: the forward's two products (Q K^T, P V), the
+    backward's five (P recomputed, dV, dP, dQ, dK), each B*H*L*S*E; ``None`` for any other node."""
+    name = getattr(node.target, "__name__", "")
+    if "scaled_dot_product" not in name:
+        return None
+    backward = "backward" in name
+    q, k = (node.args[1], node.args[2]) if backward else (node.args[0], node.args[1])
+    *batch, length, depth = _shape(q)
+    return _dtype(q), (5 if backward else 2) * math.prod(batch) * length * _shape(k)[-2] * depth
+
+
 def _product(node):
     """``(precision, multiply-adds)`` of a product node, or ``None``."""
     target, args = node.target, node.args
@@ -43,7 +58,7 @@ def _product(node):
         grad, weight, mask = args[0], _shape(args[2]), args[-1]
         per = math.prod(_shape(grad)) * math.prod(weight[1:])
         return _dtype(grad), per * (int(mask[0]) + int(mask[1]))
-    return None
+    return _attention(node)
 
 
 def matrix_work(gm):
