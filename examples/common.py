@@ -186,6 +186,12 @@ def compare_classifiers(label, args, make_model, train_data, test_data, evaluate
                for i in range(0, len(y) - args.batch_size + 1, args.batch_size)]
     print(f"{label}: {len(y)} train / {len(test_data[1])} test images, {len(batches)} batches of {args.batch_size}")
     methods, halp = classification_methods(args, batches)
+    only = getattr(args, "methods", None)
+    if only:
+        unknown = set(only) - {name for name, _ in methods}
+        if unknown:
+            raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {[name for name, _ in methods]}")
+        methods = [(name, make_step) for name, make_step in methods if name in only]
 
     def run(name, make_step):
         torch.manual_seed(args.seed)

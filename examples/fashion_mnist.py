@@ -63,6 +63,8 @@ def parse_args(argv=None):
                              "(HALP_FX_INT8_PRODUCTS=always forces the low-precision products on a CPU where they "
                              "do not pay)")
     parser.add_argument("--compile", action="store_true", help="compile the HALP/SVRG graphs with Inductor")
+    parser.add_argument("--methods", type=lambda t: t.split(","), default=None,
+                        help="comma-separated method names to run, as the table prints them (default: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subset, weights and batch order")
     parser.add_argument("--out", type=str, default="results/fashion_mnist", help="output directory")

@@ -74,7 +74,10 @@ def matrix_work(gm):
 
 
 def _amount(n):
-    return f"{n / 1e9:.3g} G" if n >= 1e9 else f"{n / 1e6:.3g} M"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.3g}"
 
 
 def describe(work):

@@ -76,8 +76,8 @@ def test_int8_method_runs_or_says_why(report):
 
 def multiply_adds(line):
     """The total of a matrix-work line, ``... (1.23 M in all, ...)``, in multiply-adds."""
-    amount, unit = line.split("(", 1)[1].split(" in all")[0].split()
-    return float(amount) * {"M": 1e6, "G": 1e9}[unit]
+    amount, *unit = line.split("(", 1)[1].split(" in all")[0].split()
+    return float(amount) * {"k": 1e3, "M": 1e6, "G": 1e9}[unit[0]] if unit else float(amount)
 
 
 def test_matrix_work_is_reported_by_precision_for_every_graph_method(report):

@@ -41,3 +41,5 @@ def test_the_description_gives_each_pass_and_the_low_precision_share():
     assert describe(work) == ("anchor: 3 M bf16; W: 1 M float32 + 6 M int8 multiply-adds per step "
                               "(10 M in all, 90% low precision)")
     assert describe({}) == "no matrix products"
+    assert describe({("W", "float32"): 640}) == "W: 640 float32 multiply-adds per step (640 in all, 0% low precision)"
+    assert describe({("W", "int8"): 2.5e4}).startswith("W: 25 k int8")

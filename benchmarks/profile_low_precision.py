@@ -1,0 +1,83 @@
+"""Where a compiled low-precision HALP step spends its time, by kind of kernel.
+
+    python benchmarks/profile_low_precision.py --model mlp1024 --batch-size 128 --threads 1
+
+For compiled SGD, SVRG and HALP 8-bit with ``arithmetic="int8"`` (float32 and bf16 anchor), torch.profiler over
+``--steps`` inner steps, the self CPU time per step of: int8 products (``_int_mm``), bf16 products, float32
+products, and everything else (Inductor's fused elementwise kernels: quantization, the offset update with its
+rounding, the loss).
+"""
+import argparse
+import collections
+import os
+import sys
+import warnings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from benchmarks import models  # noqa: E402
+from benchmarks.methods import METHODS, quiet_halp_warnings  # noqa: E402
+
+PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_int_mm")
+
+
+def kind(event):
+    """What an aten product event is, by its input dtypes; ``None`` for other events."""
+    if event.key not in PRODUCTS:
+        return None
+    if event.key == "aten::_int_mm":
+        return "int8 products"
+    types = " ".join(str(t) for t in (getattr(event, "input_dtypes", None) or []))
+    return "bf16 products" if "BFloat16" in types else "float32 products"
+
+
+def profile_method(name, model, batch_size, steps):
+    # T = len(batches): no recenter falls among the steps warmed (1 .. steps) or profiled (steps+1 .. 2*steps).
+    batches = models.batches(model, batch_size, 3 * steps, "cpu")
+    method = METHODS[name](models.build(model, "cpu"), batches, compile=True)
+    method.start()
+    for i in range(1, steps + 1):
+        method.step(i)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for i in range(steps + 1, 2 * steps + 1):
+            assert not method.step(i), "a recenter in the profiled steps"
+    times, calls = collections.Counter(), collections.Counter()
+    total = 0.0
+    for event in prof.events():
+        total += event.self_cpu_time_total
+        found = kind(event)
+        if found:
+            times[found] += event.self_cpu_time_total
+            calls[found] += 1
+    times["everything else"] = total - sum(times.values())
+    return {k: (v / steps / 1e3, calls[k] // steps) for k, v in times.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="mlp1024", choices=sorted(models.MODELS))
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--methods", nargs="+", default=["compiled_sgd", "compiled_svrg", "compiled_halp8_int8",
+                                                     "compiled_halp8_int8_bf16"])
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    quiet_halp_warnings()
+    warnings.filterwarnings("ignore", category=UserWarning)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(ROOT, "benchmarks", ".inductor_cache"))
+    print(f"{args.model}, batch {args.batch_size}, {args.threads} thread(s), torch {torch.__version__}; "
+          f"ms per inner step (calls per step)")
+    for name in args.methods:
+        found = profile_method(name, args.model, args.batch_size, args.steps)
+        print(f"  {name}: " + ", ".join(f"{k} {ms:.2f} ms" + (f" ({n})" if n else "")
+                                        for k, (ms, n) in sorted(found.items())))
+
+
+if __name__ == "__main__":
+    main()

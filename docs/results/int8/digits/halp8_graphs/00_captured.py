@@ -1,0 +1,67 @@
+def forward(self, conv1_weight, bn1_weight, bn1_bias, conv2_weight, bn2_weight, bn2_bias, fc_weight, fc_bias, bn1_running_mean, bn1_running_var, bn1_num_batches_tracked, bn2_running_mean, bn2_running_var, bn2_num_batches_tracked, batch_0, batch_1):
+    clone = torch.ops.aten.clone.default(bn1_running_mean)
+    clone_1 = torch.ops.aten.clone.default(bn1_running_var)
+    clone_2 = torch.ops.aten.clone.default(bn1_num_batches_tracked)
+    clone_3 = torch.ops.aten.clone.default(bn2_running_mean)
+    clone_4 = torch.ops.aten.clone.default(bn2_running_var)
+    clone_5 = torch.ops.aten.clone.default(bn2_num_batches_tracked)
+    convolution = torch.ops.aten.convolution.default(batch_0, conv1_weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    add_ = torch.ops.aten.add_.Tensor(clone_2, 1)
+    empty = torch.ops.aten.empty.memory_format([0], dtype = torch.uint8, layout = torch.strided, device = device(type='cpu'))
+    native_batch_norm = torch.ops.aten.native_batch_norm.default(convolution, bn1_weight, bn1_bias, clone, clone_1, True, 0.1, 1e-05)
+    getitem = native_batch_norm[0]
+    getitem_1 = native_batch_norm[1]
+    getitem_2 = native_batch_norm[2]
+    relu = torch.ops.aten.relu.default(getitem)
+    convolution_1 = torch.ops.aten.convolution.default(relu, conv2_weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    add__1 = torch.ops.aten.add_.Tensor(clone_5, 1)
+    empty_1 = torch.ops.aten.empty.memory_format([0], dtype = torch.uint8, layout = torch.strided, device = device(type='cpu'))
+    native_batch_norm_1 = torch.ops.aten.native_batch_norm.default(convolution_1, bn2_weight, bn2_bias, clone_3, clone_4, True, 0.1, 1e-05)
+    getitem_3 = native_batch_norm_1[0]
+    getitem_4 = native_batch_norm_1[1]
+    getitem_5 = native_batch_norm_1[2]
+    relu_1 = torch.ops.aten.relu.default(getitem_3)
+    max_pool2d_with_indices = torch.ops.aten.max_pool2d_with_indices.default(relu_1, [2, 2])
+    getitem_6 = max_pool2d_with_indices[0]
+    getitem_7 = max_pool2d_with_indices[1]
+    view = torch.ops.aten.view.default(getitem_6, [50, 512])
+    t = torch.ops.aten.t.default(fc_weight)
+    addmm = torch.ops.aten.addmm.default(fc_bias, view, t)
+    _log_softmax = torch.ops.aten._log_softmax.default(addmm, 1, False)
+    nll_loss_forward = torch.ops.aten.nll_loss_forward.default(_log_softmax, batch_1, None, 1, -100)
+    getitem_8 = nll_loss_forward[0]
+    getitem_9 = nll_loss_forward[1]
+    view_1 = torch.ops.aten.view.default(getitem_8, [])
+    ones_like = torch.ops.aten.ones_like.default(view_1, pin_memory = False, memory_format = torch.preserve_format)
+    view_2 = torch.ops.aten.view.default(ones_like, [])
+    nll_loss_backward = torch.ops.aten.nll_loss_backward.default(view_2, _log_softmax, batch_1, None, 1, -100, getitem_9)
+    _log_softmax_backward_data = torch.ops.aten._log_softmax_backward_data.default(nll_loss_backward, _log_softmax, 1, torch.float32)
+    t_1 = torch.ops.aten.t.default(t)
+    mm = torch.ops.aten.mm.default(_log_softmax_backward_data, t_1)
+    t_2 = torch.ops.aten.t.default(_log_softmax_backward_data)
+    mm_1 = torch.ops.aten.mm.default(t_2, view)
+    t_3 = torch.ops.aten.t.default(mm_1)
+    sum_1 = torch.ops.aten.sum.dim_IntList(_log_softmax_backward_data, [0], True)
+    view_3 = torch.ops.aten.view.default(sum_1, [10])
+    t_4 = torch.ops.aten.t.default(t_3)
+    view_4 = torch.ops.aten.view.default(mm, [50, 32, 4, 4])
+    max_pool2d_with_indices_backward = torch.ops.aten.max_pool2d_with_indices_backward.default(view_4, relu_1, [2, 2], [], [0, 0], [1, 1], False, getitem_7)
+    threshold_backward = torch.ops.aten.threshold_backward.default(max_pool2d_with_indices_backward, relu_1, 0)
+    native_batch_norm_backward = torch.ops.aten.native_batch_norm_backward.default(threshold_backward, convolution_1, bn2_weight, clone_3, clone_4, getitem_4, getitem_5, True, 1e-05, [True, True, True])
+    getitem_10 = native_batch_norm_backward[0]
+    getitem_11 = native_batch_norm_backward[1]
+    getitem_12 = native_batch_norm_backward[2]
+    convolution_backward = torch.ops.aten.convolution_backward.default(getitem_10, relu, conv2_weight, [0], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
+    getitem_13 = convolution_backward[0]
+    getitem_14 = convolution_backward[1]
+    getitem_15 = convolution_backward[2]
+    threshold_backward_1 = torch.ops.aten.threshold_backward.default(getitem_13, relu, 0)
+    native_batch_norm_backward_1 = torch.ops.aten.native_batch_norm_backward.default(threshold_backward_1, convolution, bn1_weight, clone, clone_1, getitem_1, getitem_2, True, 1e-05, [True, True, True])
+    getitem_16 = native_batch_norm_backward_1[0]
+    getitem_17 = native_batch_norm_backward_1[1]
+    getitem_18 = native_batch_norm_backward_1[2]
+    convolution_backward_1 = torch.ops.aten.convolution_backward.default(getitem_16, batch_0, conv1_weight, [0], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False])
+    getitem_19 = convolution_backward_1[0]
+    getitem_20 = convolution_backward_1[1]
+    getitem_21 = convolution_backward_1[2]
+    return (view_1, getitem_20, getitem_17, getitem_18, getitem_14, getitem_11, getitem_12, t_4, view_3, clone, clone_1, add_, clone_3, clone_4, add__1)
