@@ -144,6 +144,9 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
                 lambda: bit_centering.counter_steps(counters["rounding_counter"])):
             self._recenter(closure)
         params = self._trainable()
+        # The pass at W updates the buffers (BatchNorm running statistics) as a training step does; a step that
+        # turns out non-finite puts them back, as it leaves everything else.
+        buffers = self._buffer_values(closure)
         # Both passes draw the same random numbers (dropout's mask): SVRG's correction cancels noise only
         # when g(W) and g(A) see the same network.
         with _same_random_state(params[0].device) as replay:
@@ -153,6 +156,8 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
         groups = self._update_arguments(dict(zip(params, grads)), dict(zip(params, anchor_grads)), loss)
         results, finite = self._inner_steps(groups)
         if not bool(finite):
+            for buffer, value in buffers:
+                buffer.copy_(value)
             self.nonfinite_steps += 1
             if self.on_nonfinite == "raise":
                 raise NonFiniteError(f"step {counters['steps_since_recenter']} after the last recenter: the loss "
@@ -261,16 +266,16 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
         return loss, [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
 
     def _rounding_keys(self):
-        """Every parameter's key for this step, keyed by its position among all the optimizer's parameters."""
+        """Every trainable tensor's key for this step, by its position among the trainable tensors (as the
+        core numbers them: a frozen tensor passed in ``params`` takes no key)."""
         counter = self._counters["rounding_counter"]
-        count = sum(len(group["params"]) for group in self.param_groups)
-        return bit_centering.rounding_keys(int(counter), count, counter.device)
+        return bit_centering.rounding_keys(int(counter), len(self._trainable()), counter.device)
 
     def _update_arguments(self, grads, anchor_grads, loss):
         groups, index, keys = [], 0, None
         for group in self.param_groups:
-            indexed = [(i, p) for i, p in enumerate(group["params"], start=index) if p.requires_grad]
-            index += len(group["params"])
+            indexed = list(enumerate([p for p in group["params"] if p.requires_grad], start=index))
+            index += len(indexed)
             if not indexed:
                 continue
             params = [p for _, p in indexed]
@@ -350,14 +355,19 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
                     self.state[p][key] = value.to(device=p.device, copy=True)
 
     # -- buffers ---------------------------------------------------------------------------------
+    def _buffer_values(self, closure):
+        """``(buffer, a copy of its value)`` for every buffer of the modules the step trains, each once."""
+        saved = {id(b): (b, b.clone()) for module in self._modules_with_buffers(closure) for b in module.buffers()}
+        return list(saved.values())
+
     @contextlib.contextmanager
     def _buffers_kept(self, closure):
         """Buffers written inside (BatchNorm running statistics) are put back on the way out."""
-        saved = {id(b): (b, b.clone()) for module in self._modules_with_buffers(closure) for b in module.buffers()}
+        saved = self._buffer_values(closure)
         try:
             yield
         finally:
-            for buffer, value in saved.values():
+            for buffer, value in saved:
                 buffer.copy_(value)
 
     def _modules_with_buffers(self, closure):
