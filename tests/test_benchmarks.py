@@ -7,6 +7,7 @@ rounds, the warm subprocess, the JSON), not the speed, in well under a minute.
 import json
 import logging
 import os
+import statistics
 import subprocess
 import sys
 
@@ -222,3 +223,24 @@ def test_auto_mu_seeds_writes_one_row_per_seed_and_their_mean(tmp_path):
     assert distances[0] != distances[1] and distances[2] == pytest.approx(sum(distances[:2]) / 2, rel=1e-5)
     lines = out.read_text().splitlines()
     assert lines[0].split(",")[:4] == ["example", "bits", "seed", "mu"] and len(lines) == 4
+
+
+README_INT8_COLUMNS = ["compiled_sgd", "compiled_svrg", "compiled_halp8", "compiled_halp8_int8",
+                       "compiled_halp8_int8_bf16", "compiled_sgd_bf16_autocast"]
+
+
+@pytest.mark.parametrize("model, digits", [("mlp1024", 1), ("transformer", 0)])
+def test_the_readme_int8_table_quotes_the_saved_benchmark_runs(model, digits):
+    """The step times and ratios in the README's int8 section are those of the runs saved beside the docs."""
+    saved = json.load(open(os.path.join(ROOT, "docs", "results", "benchmarks", f"low_precision_{model}.json")))
+    group = saved["results"][0]
+    lines = open(os.path.join(ROOT, "README.md")).read().split("## int8 arithmetic", 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {model.replace('transformer', 'transformer layer')} |"))
+    row = lines[start + 1]
+    ms = [cell.strip() for cell in row.strip("|").split("|")][2:]
+    assert ms == [f"{group['methods'][m]['inner_step_s'] * 1e3:.{digits}f}" for m in README_INT8_COLUMNS]
+    ratios = [cell.strip().strip("*") for cell in lines[start + 2].strip("|").split("|")][2:]
+    sgd = group["methods"]["compiled_sgd"]["inner_step_s_rounds"]
+    assert ratios[1:] == [f"{statistics.median(a / b for a, b in zip(group['methods'][m]['inner_step_s_rounds'], sgd)):.2f}"
+                          for m in README_INT8_COLUMNS[1:]]
+    assert "avx512_vnni" in saved["meta"]["cpu_flags"] and saved["meta"]["torch"].startswith("2.13")
