@@ -18,7 +18,9 @@ def explain(step):
     counts = {name: sum(1 for n in gm.graph.nodes if n.op == "call_function") for name, gm in stages.items()}
     mode = "full-precision SVRG (bits=None)" if step.bits is None else f"{step.bits}-bit HALP"
     lines = [f"halp_fx training step: {mode}, lr={step.lr}, T={step.T}, mu={step.mu}, "
-             f"rounding={step.rounding!r}, arithmetic={step.arithmetic!r}, compile={step.compile}",
+             f"rounding={step.rounding!r}, arithmetic={step.arithmetic!r}"
+             + (f", anchor_precision={step.anchor_precision!r}" if step.arithmetic == "int8" else "")
+             + f", compile={step.compile}",
              f"  captured: (params, frozen, buffers, batch) -> (loss, grads, new buffers), {counts['captured']} aten ops;"
              " the recenter runs it as it is for the full gradient (buffer outputs ignored)"]
     for i, (name, summary) in enumerate(entry.summaries.items(), 1):

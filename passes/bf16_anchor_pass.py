@@ -80,5 +80,6 @@ class Bf16AnchorPass(HalpPass):
     def summary(self):
         if not self.rewritten:
             return f"no anchor product in bf16: {self.why}" if self.why else "no anchor product under a centered one"
+        forced = "; forced where bf16 may not pay (HALP_FX_INT8_PRODUCTS=always)" if self.always else ""
         return (f"{len(self.rewritten)} anchor products under centered products take bf16 operands "
-                f"(float32 results): {', '.join(self.rewritten)}")
+                f"(float32 results): {', '.join(self.rewritten)}{forced}")

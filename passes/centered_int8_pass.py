@@ -180,6 +180,8 @@ class CenteredInt8Pass(HalpPass):
         line = (f"{len(self.rewritten)} matrix products at W became the anchor's product plus int8 corrections of "
                 f"the differences ({self.exact} weight differences as d * Z); {len(self.fell_back)} stayed float32")
         details = [f"\n       int8: {', '.join(self.rewritten)}"] if self.rewritten else []
+        if self.always and self.rewritten:
+            details.append("\n       forced where int8 may not pay (HALP_FX_INT8_PRODUCTS=always)")
         reasons = {}
         for name, why in self.fell_back:
             reasons.setdefault(why, []).append(name)

@@ -36,7 +36,7 @@ def test_the_anchor_products_under_centered_ones_take_bf16_operands(low_precisio
     assert "halp_fx_bf16_anchor_addmm(anchor_p0_bias, to_bf16_batch_0, t_to_bf16_anchor_p0_weight)" in code
     assert "torch.ops.aten.mm.default" not in code and "torch.ops.aten.addmm.default" not in code
     assert "anchor products under centered products take bf16 operands" in step.explain()
-    assert "G bf16" in step.explain() or "M bf16" in step.explain()
+    assert re.search(r"matrix work of the step: anchor: [0-9.]+ [kMG ]*bf16; W: [0-9.]+ [kMG ]*int8", step.explain())
 
 
 def test_the_full_gradient_stays_float32(low_precision_everywhere):
@@ -161,3 +161,19 @@ def test_a_compiled_int8_step_on_a_bf16_anchor_matches_the_same_graph_run_eagerl
     flips = sum(int((compiled.offset[n] != eager.offset[n]).sum()) for n in eager.offset)
     assert flips <= 2
     assert "anchor products under centered products take bf16 operands" in compiled.explain()
+
+
+def test_explain_names_the_anchor_precision_and_the_forcing_switch(low_precision_everywhere):
+    step, data = make_step()
+    step(*data[0])
+    text = step.explain()
+    assert "arithmetic='int8', anchor_precision='bf16'" in text
+    assert "forced where int8 may not pay (HALP_FX_INT8_PRODUCTS=always)" in text
+    assert "forced where bf16 may not pay (HALP_FX_INT8_PRODUCTS=always)" in text
+
+
+def test_without_the_switch_explain_does_not_speak_of_forcing(monkeypatch):
+    monkeypatch.delenv("HALP_FX_INT8_PRODUCTS", raising=False)
+    step, data = make_step()
+    step(*data[0])
+    assert "forced" not in step.explain()
