@@ -112,6 +112,11 @@ def rounding_key(counter, tensor_index):
     return _tensor_key(_step_key(counter), tensor_index)
 
 
+def first_counter(seed):
+    """The rounding counter before the first step: ``seed`` in the high 32 bits, no step counted in the low 32."""
+    return int(seed) << 32
+
+
 def counter_steps(counter):
     """The steps a rounding counter has counted: its low 32 bits (the seed is in the high 32; see
     :func:`rounding_key`). ``counter`` is a Python int or a 0-d integer tensor."""

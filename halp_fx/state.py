@@ -17,6 +17,8 @@ import torch
 from . import arguments, bit_centering, recenter
 from .roles import COMMITTED, PER_TENSOR_STATE, Role
 
+# State dict names that differ from the role's: the momentum is ``momentum_buffer``, as in torch.optim.
+STATE_DICT_NAMES = {Role.MOMENTUM: "momentum_buffer"}
 _COUNTERS = ("rounding_counter", "steps_since_recenter", "recenters", "nonfinite_steps")
 
 
@@ -39,7 +41,7 @@ class HalpState:
         }
         # mu="auto": each tensor's mu, a Python float (a power of two), chosen at every recenter.
         self.mus = OrderedDict((n, recenter.first_mu(bits)) for n in anchor) if auto_mu else OrderedDict()
-        self.rounding_counter = int(seed) << 32
+        self.rounding_counter = bit_centering.first_counter(seed)
         self.steps_since_recenter = self.recenters = self.nonfinite_steps = 0
         self.anchor_version = 0  # moves whenever the anchors (and so what is computed from them alone) may change
 
@@ -83,8 +85,8 @@ class HalpState:
     # -- checkpoints -----------------------------------------------------------------------------
     def _keys(self):
         """``{state dict key: (role, name)}`` for every tensor of the state."""
-        keys = OrderedDict((f"{n}.{role.value}", (role, n)) for n in self.names for role in PER_TENSOR_STATE
-                           if n in self.tensors[role])
+        keys = OrderedDict((f"{n}.{STATE_DICT_NAMES.get(role, role.value)}", (role, n))
+                           for n in self.names for role in PER_TENSOR_STATE if n in self.tensors[role])
         if self.auto_mu:
             # The telemetry the next recenter reads; with a numeric mu it is not needed to continue exactly.
             keys.update((f"{n}.{Role.UNDERFLOW.value}", (Role.UNDERFLOW, n)) for n in self.names)
@@ -92,7 +94,7 @@ class HalpState:
         return keys
 
     def state_dict(self, lr):
-        """Per parameter ``<name>.anchor``, ``.offset``, ``.scale``, ``.full_grad`` (and ``.momentum``),
+        """Per parameter ``<name>.anchor``, ``.offset``, ``.scale``, ``.full_grad`` (and ``.momentum_buffer``),
         ``buffers.<name>``, the counters, ``lr`` and ``bits``; every tensor a copy."""
         state = OrderedDict((key, self.tensors[role][name]) for key, (role, name) in self._keys().items())
         state.update((f"{n}.mu", mu) for n, mu in self.mus.items())
@@ -103,6 +105,9 @@ class HalpState:
         """Restore a :meth:`state_dict` and return its ``lr``. Everything is checked before anything changes:
         a dict from another model or another ``bits``, or with a bad counter or lr, is an error."""
         expected = self.state_dict(lr)
+        # Saved before the momentum state took torch.optim's name: ``<name>.momentum`` loads as ``.momentum_buffer``.
+        state_dict = {(k[:-len(".momentum")] + ".momentum_buffer" if k.endswith(".momentum")
+                       and k[:-len(".momentum")] in self.tensors[Role.ANCHOR] else k): v for k, v in state_dict.items()}
         if state_dict.get("bits", "missing") != self.bits:
             raise ValueError(f"the state dict was saved with bits={state_dict.get('bits', 'missing')!r}; "
                              f"this step has bits={self.bits!r}")

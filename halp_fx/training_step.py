@@ -229,7 +229,7 @@ class TrainingStep:
 
     def state_dict(self):
         """Everything needed to continue exactly: per parameter ``<name>.anchor``, ``.offset``, ``.scale``,
-        ``.full_grad`` (and ``.momentum``), ``buffers.<name>``, the rounding counter, the step counters and lr."""
+        ``.full_grad`` (and ``.momentum_buffer``), ``buffers.<name>``, the rounding counter, the step counters and lr."""
         return self.state.state_dict(self.lr)
 
     def load_state_dict(self, state_dict):

@@ -200,3 +200,20 @@ mm_int8 = torch.ops.aten.add.Tensor(mm_1, int8_term)""")
         doc = halp_fx.passes.centered_int8_pass.__doc__.split("After::", 1)[1].split("\n\n")[1]
         for line in re.sub(r"levels = \d+", "levels = L", doc).splitlines():
             assert line.strip() in lines, line
+
+
+def test_on_a_cpu_where_nothing_pays_the_int8_step_is_the_float32_step(monkeypatch):
+    """An AVX2-only CPU: every product falls back, and the final graph is float32 HALP's, op for op, so the
+    fallback costs nothing (the bf16 anchor falls back with it)."""
+    from halp_fx import bf16_anchor
+    monkeypatch.delenv("HALP_FX_INT8_PRODUCTS", raising=False)
+    monkeypatch.setattr(centered_int8, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(bf16_anchor, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    fp32, data = make_step("fp32", T=3)
+    int8, _ = make_step("int8", T=3, anchor_precision="bf16")
+    fp32(*data[0])
+    int8(*data[0])
+    assert list(int8.graphs.values())[-1].code == list(fp32.graphs.values())[-1].code
+    for x, y in data:
+        assert torch.equal(int8(x, y), fp32(x, y))
+    assert "0 matrix products at W became" in int8.explain() and "no AVX512-VNNI/AMX" in int8.explain()

@@ -82,3 +82,25 @@ def test_stochastic_rounding_with_a_frozen_tensor_gives_the_same_weights_on_both
     trained = dict(model.named_parameters())
     for name, weight in core.weights().items():
         assert torch.equal(weight, trained[name].detach()), name
+
+
+def test_both_routes_name_the_momentum_state_momentum_buffer_and_the_old_name_still_loads():
+    data = batches()
+    model = batchnorm_model()
+    step = halp_fx.transform(model, 8, loss_fn=F.cross_entropy, data_loader=data, lr=0.1, momentum=0.9, T=4,
+                             compile=False)
+    step(*data[0])
+    saved = step.state_dict()
+    assert "0.weight.momentum_buffer" in saved and not any(k.endswith(".momentum") for k in saved)
+    opt_model = batchnorm_model()
+    opt = HALP(opt_model.parameters(), lr=0.1, momentum=0.9, T=4, data_loader=data, model=opt_model, compile=False)
+    optim_step(opt_model, opt, *data[0])
+    assert all("momentum_buffer" in s for s in opt.state_dict()["state"].values())
+    old = {(k[:-len("_buffer")] if k.endswith(".momentum_buffer") else k): v for k, v in saved.items()}
+    resumed = halp_fx.transform(batchnorm_model(), 8, loss_fn=F.cross_entropy, data_loader=data, lr=0.1,
+                                momentum=0.9, T=4, compile=False)
+    resumed(*data[0])
+    resumed.load_state_dict(old)
+    for x, y in data[1:]:
+        assert torch.equal(resumed(x, y), step(x, y))
+    assert all(torch.equal(resumed.momentum_buffer[n], m) for n, m in step.momentum_buffer.items())

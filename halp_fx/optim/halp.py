@@ -203,7 +203,7 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
                 self.state[p].update(mu=mu, underflow=torch.zeros((), device=p.device))
         counters = self._counters
         # The seed sits in the high 32 bits, as in the core: the counter alone is the rounding noise's state.
-        counters.setdefault("rounding_counter", torch.tensor(self.seed << 32, dtype=torch.int64, device=params[0].device))
+        counters.setdefault("rounding_counter", torch.tensor(bit_centering.first_counter(self.seed), dtype=torch.int64, device=params[0].device))
         counters["steps_since_recenter"] = 0
 
     def _parameter_names(self, params):
