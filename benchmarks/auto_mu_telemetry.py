@@ -5,7 +5,7 @@
 
 Runs ``examples/<example>.py``'s ``main`` with the arguments after ``--`` and the
 ``halp_fx`` logger at DEBUG, and keeps the record each recenter writes
-(:func:`halp_fx.recenter.log_telemetry`). One CSV row per (run, recenter,
+(:func:`halp_fx.auto_mu.log_telemetry`). One CSV row per (run, recenter,
 tensor): the epoch's mu, saturation and underflow, the mu the recenter chose,
 the new full-gradient norm; plus one row per (run, recenter) for all tensors
 together where there are several (``tensor`` = ``all``: fractions weighted by

@@ -52,7 +52,7 @@ AUTO_MU = "auto"
 
 def check_mu(mu):
     """A finite number > 0 (see :func:`check_positive`), or ``"auto"`` (the runtime chooses each tensor's mu at
-    every recenter, :func:`halp_fx.recenter.next_mus`)."""
+    every recenter, :func:`halp_fx.auto_mu.next_mus`)."""
     if isinstance(mu, str) and mu == AUTO_MU:
         return AUTO_MU
     return check_positive("mu", mu, alternative=" or 'auto'")

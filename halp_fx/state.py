@@ -14,7 +14,8 @@ from collections import OrderedDict
 
 import torch
 
-from . import arguments, bit_centering, recenter
+from . import arguments, bit_centering
+from .auto_mu import AUTO_MU_BOUNDS, first_mu
 from .roles import COMMITTED, PER_TENSOR_STATE, Role
 
 # State dict names that differ from the role's: the momentum is ``momentum_buffer``, as in torch.optim.
@@ -40,7 +41,7 @@ class HalpState:
             Role.BUFFER: OrderedDict((n, buffers[n].detach().clone()) for n in signature.buffer_names),
         }
         # mu="auto": each tensor's mu, a Python float (a power of two), chosen at every recenter.
-        self.mus = OrderedDict((n, recenter.first_mu(bits)) for n in anchor) if auto_mu else OrderedDict()
+        self.mus = OrderedDict((n, first_mu(bits)) for n in anchor) if auto_mu else OrderedDict()
         self.rounding_counter = bit_centering.first_counter(seed)
         self.steps_since_recenter = self.recenters = self.nonfinite_steps = 0
         self.anchor_version = 0  # moves whenever the anchors (and so what is computed from them alone) may change
@@ -141,7 +142,7 @@ class HalpState:
 
 
 def _checked_mu(key, value):
-    low, high = recenter.AUTO_MU_BOUNDS
+    low, high = AUTO_MU_BOUNDS
     if not isinstance(value, float) or not low <= value <= high:
         raise ValueError(f"state dict entry {key!r} must be a float from {low:g} to {high:g} (a mu chosen by "
                          f"mu='auto'); got {value!r}")

@@ -20,8 +20,9 @@ from .capture import signature_of
 from .data import full_gradient_batches, has_batch_norm, warn_small_batch
 from .errors import NonFiniteError
 from .programs import Programs
-from .recenter import (examples_in, full_gradient, log, log_telemetry, next_mus, recenter_due, recentered,
-                       saturated_fraction, underflow_fractions, uses_band, warn_if_saturated)
+from .auto_mu import log_telemetry, next_mus, underflow_fractions, uses_band
+from .recenter import (examples_in, full_gradient, log, recenter_due, recentered, saturated_fraction,
+                       warn_if_saturated)
 from .roles import Role
 from .state import HalpState
 

@@ -26,7 +26,7 @@ def transform(model, bits=8, *, loss_fn=None, data_loader=None, lr=0.01, T=None,
         lr, mu, momentum, weight_decay, rounding: as in the HALP paper; see
             :mod:`halp_fx.bit_centering` for the exact arithmetic. ``mu="auto"`` sets each
             tensor's mu at every recenter from the epoch's saturation and underflow
-            (:func:`halp_fx.recenter.next_mus`); below 8 bits it also recenters three times early in
+            (:func:`halp_fx.auto_mu.next_mus`); below 8 bits it also recenters three times early in
             the first epoch, each ``ceil(T/8)`` steps after the last (:func:`halp_fx.recenter.recenter_due`).
         compile: compile the graphs with Inductor; ``False`` runs the same graphs eagerly.
         on_nonfinite: ``"raise"`` a :class:`NonFiniteError` or ``"skip"`` a step

@@ -1,8 +1,8 @@
 """mu="auto": each tensor's mu is chosen at every recenter from the last epoch's saturation and underflow.
 
-From 8 bits up each tensor moves on its own (halp_fx.recenter.next_mu): more than 25% of its offsets at the bounds
+From 8 bits up each tensor moves on its own (halp_fx.auto_mu.next_mu): more than 25% of its offsets at the bounds
 halves its mu (a coarser grid); at most 5% at the bounds and more than 90% of its steps below half a grid step
-doubles it (a finer grid). Below 8 bits the tensors of a width move together (halp_fx.recenter.band_factor), from
+doubles it (a finer grid). Below 8 bits the tensors of a width move together (halp_fx.auto_mu.band_factor), from
 their saturation and underflow weighted by size: halved when more than 25% are saturated or fewer than 95% of the
 steps underflow, doubled when more than 99% underflow and at most 5% are saturated; and the first epoch is cut by
 three early recenters, ceil(T/8) steps apart. mu stays within [0.25, 64]; the first epoch uses 1 at 8 bits, 4 at
@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import halp_fx
-from halp_fx import recenter
+from halp_fx import auto_mu, recenter
 from halp_fx.optim import HALP
 from halp_fx.roles import Role
 from models import classification_data, mlp
@@ -58,34 +58,34 @@ def optimizer_epochs(model, opt, data, epochs):
 # -- the rule ------------------------------------------------------------------------------------------
 
 def test_a_saturated_tensor_gets_a_coarser_grid():
-    assert recenter.next_mu(8.0, saturated=0.5, underflow=0.9) == 4.0
+    assert auto_mu.next_mu(8.0, saturated=0.5, underflow=0.9) == 4.0
 
 
 def test_an_underflowing_tensor_gets_a_finer_grid():
-    assert recenter.next_mu(2.0, saturated=0.0, underflow=0.95) == 4.0
+    assert auto_mu.next_mu(2.0, saturated=0.0, underflow=0.95) == 4.0
 
 
 def test_a_tensor_neither_saturated_nor_underflowing_keeps_its_mu():
-    assert recenter.next_mu(2.0, saturated=0.0, underflow=0.8) == 2.0
-    assert recenter.next_mu(2.0, saturated=0.1, underflow=0.95) == 2.0
+    assert auto_mu.next_mu(2.0, saturated=0.0, underflow=0.8) == 2.0
+    assert auto_mu.next_mu(2.0, saturated=0.1, underflow=0.95) == 2.0
 
 
 def test_mu_stays_within_its_bounds():
-    low, high = recenter.AUTO_MU_BOUNDS
-    assert recenter.next_mu(low, saturated=1.0, underflow=0.0) == low
-    assert recenter.next_mu(high, saturated=0.0, underflow=1.0) == high
+    low, high = auto_mu.AUTO_MU_BOUNDS
+    assert auto_mu.next_mu(low, saturated=1.0, underflow=0.0) == low
+    assert auto_mu.next_mu(high, saturated=0.0, underflow=1.0) == high
 
 
 def test_without_steps_since_the_last_recenter_mu_stays():
-    assert recenter.next_mu(2.0, saturated=0.5, underflow=None) == 2.0
+    assert auto_mu.next_mu(2.0, saturated=0.5, underflow=None) == 2.0
 
 
 def test_below_8_bits_a_grid_finer_than_the_band_coarsens_and_one_coarser_refines():
-    assert recenter.band_factor(saturated=0.0, underflow=0.9) == 0.5
-    assert recenter.band_factor(saturated=0.3, underflow=0.999) == 0.5
-    assert recenter.band_factor(saturated=0.0, underflow=0.995) == 2.0
-    assert recenter.band_factor(saturated=0.1, underflow=0.995) == 1.0
-    assert recenter.band_factor(saturated=0.0, underflow=0.97) == 1.0
+    assert auto_mu.band_factor(saturated=0.0, underflow=0.9) == 0.5
+    assert auto_mu.band_factor(saturated=0.3, underflow=0.999) == 0.5
+    assert auto_mu.band_factor(saturated=0.0, underflow=0.995) == 2.0
+    assert auto_mu.band_factor(saturated=0.1, underflow=0.995) == 1.0
+    assert auto_mu.band_factor(saturated=0.0, underflow=0.97) == 1.0
 
 
 def test_below_8_bits_the_tensors_of_a_width_move_together_by_their_size_weighted_telemetry():
@@ -93,12 +93,12 @@ def test_below_8_bits_the_tensors_of_a_width_move_together_by_their_size_weighte
         return [torch.zeros(199, dtype=torch.int8), torch.full((1,), 2 ** (bits - 1) - 1, dtype=torch.int8)]
     # Over 10 steps the large tensor's steps all underflowed, the small one's none: by size, 99.5% underflow.
     sums = [torch.tensor(10.0), torch.tensor(0.0)]
-    assert recenter.next_mus([4.0, 4.0], offsets(4), sums, 10, [4, 4]) == [8.0, 8.0]
+    assert auto_mu.next_mus([4.0, 4.0], offsets(4), sums, 10, [4, 4]) == [8.0, 8.0]
     # At 8 bits the same telemetry moves each tensor on its own: the saturated one coarsens.
-    assert recenter.next_mus([4.0, 4.0], offsets(8), sums, 10, [8, 8]) == [8.0, 2.0]
+    assert auto_mu.next_mus([4.0, 4.0], offsets(8), sums, 10, [8, 8]) == [8.0, 2.0]
     # Widths move apart, and bits=None keeps its mu.
     mixed = [offsets(4)[0], offsets(8)[1], torch.zeros(3)]
-    assert recenter.next_mus([4.0, 4.0, 0.1], mixed, sums + [torch.tensor(0.0)], 10, [4, 8, None]) == [8.0, 2.0, 0.1]
+    assert auto_mu.next_mus([4.0, 4.0, 0.1], mixed, sums + [torch.tensor(0.0)], 10, [4, 8, None]) == [8.0, 2.0, 0.1]
 
 
 def recenters_at(T, band, steps=100):
@@ -121,7 +121,7 @@ def test_below_8_bits_the_first_epoch_has_three_early_recenters():
 
 
 def test_the_first_epoch_mu_is_1_at_8_bits_and_4_at_4_bits():
-    assert [recenter.first_mu(b) for b in (16, 8, 6, 4, 2)] == [1.0, 1.0, 2.0, 4.0, 8.0]
+    assert [auto_mu.first_mu(b) for b in (16, 8, 6, 4, 2)] == [1.0, 1.0, 2.0, 4.0, 8.0]
 
 
 def test_the_underflow_fraction_counts_steps_below_half_a_grid_step():
@@ -152,7 +152,7 @@ def test_transform_coarsens_the_grid_of_a_saturated_tensor():
     step, data = make_step(lr=10.0)
     run_epochs(step, data, 1)
     before = step.stats()
-    saturated = [n for n, s in before.items() if s["saturated"] > recenter.SATURATED_ABOVE]
+    saturated = [n for n, s in before.items() if s["saturated"] > auto_mu.SATURATED_ABOVE]
     assert saturated
     step(*data[0])
     after = step.stats()
@@ -347,7 +347,7 @@ def test_optimizer_coarsens_the_grid_of_saturated_tensors():
     opt.param_groups[0]["lr"] = 10.0
     optimizer_epochs(model, opt, data, 1)
     before = opt.stats()
-    saturated = [i for i, s in enumerate(before) if s["saturated"] > recenter.SATURATED_ABOVE]
+    saturated = [i for i, s in enumerate(before) if s["saturated"] > auto_mu.SATURATED_ABOVE]
     assert saturated
     optimizer_epochs(model, opt, data, 1)
     after = opt.stats()

@@ -26,8 +26,8 @@ import torch
 from .. import arguments, bit_centering
 from ..data import full_gradient_batches, has_batch_norm, warn_small_batch
 from ..errors import NonFiniteError
-from ..recenter import (examples_in, first_mu, full_gradient, log, log_telemetry, next_mus, recenter_due, recentered,
-                        uses_band, warn_if_saturated)
+from ..auto_mu import first_mu, log_telemetry, next_mus, uses_band
+from ..recenter import examples_in, full_gradient, log, recenter_due, recentered, warn_if_saturated
 
 
 def inner_steps(groups):
@@ -458,7 +458,7 @@ class HALP(_BitCenteredOptimizer):
         momentum: heavy-ball momentum on the corrected gradient (float32 buffer,
             kept across recenters).
         mu: the grid's scale ``d = ||full_grad|| / (mu * (2**(bits-1) - 1))``, or ``"auto"``: each
-            parameter's mu is chosen at every recenter by :func:`halp_fx.recenter.next_mus` (kept in its state as
+            parameter's mu is chosen at every recenter by :func:`halp_fx.auto_mu.next_mus` (kept in its state as
             ``mu``, with the telemetry it reads, ``underflow``). When a group runs it below 8 bits, the optimizer
             recenters three more times early in the first epoch, each ``ceil(T/8)`` steps after the last.
         bits: offset width, 2..32 (int8 up to 8, int16 up to 16, else int32), or
