@@ -120,7 +120,7 @@ def log_telemetry(names, numels, bits, epoch, next_mus, norms, recenter=None):
     ``numel`` and ``bits``, the ending epoch's ``mu``, ``saturated`` and ``underflow`` (``epoch``: the caller's
     ``stats()`` rows; ``None`` at the first recenter, which ends no epoch), the ``next_mu`` this recenter applies
     and the new ``full_grad_norm``. The record's ``halp_telemetry`` attribute holds them as
-    ``{"recenter": k or None, "tensors": {name: {...}}}``, for tools. Callers check ``log.isEnabledFor(DEBUG)``
+    ``{"recenter": k (0 at the first), "tensors": {name: {...}}}``, for tools. Callers check ``log.isEnabledFor(DEBUG)``
     first: ``epoch`` costs a read of every offset."""
     fields = ("mu", "saturated", "underflow")
     epoch = [dict.fromkeys(fields)] * len(names) if epoch is None else epoch

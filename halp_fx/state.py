@@ -79,8 +79,6 @@ class HalpState:
         self.tensors[Role.OFFSET] = OrderedDict(zip(names, offsets))
         self.tensors[Role.SCALE] = OrderedDict(zip(names, scales))
         self.tensors[Role.FULL_GRAD] = OrderedDict(zip(names, full_grads))
-        self.steps_since_recenter = 0
-        self.recenters += 1
         self.anchor_version += 1
 
     # -- checkpoints -----------------------------------------------------------------------------

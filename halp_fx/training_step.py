@@ -1,6 +1,7 @@
-"""The object ``halp_fx.transform`` returns: the runtime loop that advances a :class:`~halp_fx.state.HalpState`.
+"""The object ``halp_fx.transform`` returns: the route of the HALP loop (:mod:`halp_fx.loop`) that runs compiled
+graphs over a :class:`~halp_fx.state.HalpState`.
 
-A call runs one inner step: recenter first when one is due, then the step
+A call runs one inner step through the loop: recenter first when one is due, then the step
 program of the batch's shape (:mod:`halp_fx.programs`). The programs are pure
 functions of the state: a step returns new tensors, and the state takes them
 only when the step's ``all_finite`` flag is True, so a failed or non-finite
@@ -10,19 +11,16 @@ Momentum survives a recenter: a recenter moves no weight (the new anchor is the
 old ``A + d*Z``), so the velocity stays meaningful.
 """
 import dataclasses
-import logging
 import weakref
 
 import torch
 
-from . import arguments, bit_centering, distributed, introspection
+from . import arguments, distributed, introspection
 from .capture import signature_of
 from .data import full_gradient_batches, has_batch_norm, warn_small_batch
-from .errors import NonFiniteError
+from .loop import HalpLoop, Outcome, user_stacklevel
 from .programs import Programs
-from .auto_mu import log_telemetry, next_mus, underflow_fractions, uses_band
-from .recenter import (examples_in, full_gradient, log, recenter_due, recentered, saturated_fraction,
-                       warn_if_saturated)
+from .recenter import examples_in, full_gradient, warn_if_saturated
 from .roles import Role
 from .state import HalpState
 
@@ -39,8 +37,13 @@ def is_released(parameter):
 SATURATION_CHECK_EVERY = 256
 
 
-class TrainingStep:
-    """Callable HALP training step over a model; see :func:`halp_fx.transform`."""
+def _state_counter(name):
+    return property(lambda self: getattr(self.state, name), lambda self, value: setattr(self.state, name, value))
+
+
+class TrainingStep(HalpLoop):
+    """Callable HALP training step over a model; see :func:`halp_fx.transform`. A route of
+    :class:`halp_fx.loop.HalpLoop`: it feeds the loop compiled graphs (:mod:`halp_fx.programs`)."""
 
     def __init__(self, model, *, loss_fn, data_loader, bits, lr, T, mu, momentum, weight_decay, rounding, compile,
                  on_nonfinite, seed, saturation_warning, arithmetic="fp32", anchor_precision="fp32",
@@ -102,44 +105,38 @@ class TrainingStep:
     momentum_buffer = property(lambda self: self.state[Role.MOMENTUM])
     buffers = property(lambda self: self.state[Role.BUFFER])
     frozen = property(lambda self: self.state[Role.FROZEN])
-    rounding_counter = property(lambda self: self.state.rounding_counter)
-    steps_since_recenter = property(lambda self: self.state.steps_since_recenter)
-    recenters = property(lambda self: self.state.recenters)
-    nonfinite_steps = property(lambda self: self.state.nonfinite_steps)
     device = property(lambda self: self.state.device)
+    # The loop's counters live in the state (its state_dict carries them).
+    rounding_counter = _state_counter("rounding_counter")
+    steps_since_recenter = _state_counter("steps_since_recenter")
+    recenters = _state_counter("recenters")
+    nonfinite_steps = _state_counter("nonfinite_steps")
 
     # -- running -----------------------------------------------------------------------------
     def __call__(self, *batch):
-        batch = self._batch(batch, stacklevel=3)
-        state = self.state
-        if state.recenters == 0 or (self.T is not None and recenter_due(
-                state.steps_since_recenter, self.T, state.auto_mu and uses_band(self.bits),
-                lambda: bit_centering.counter_steps(state.rounding_counter))):
-            self._recenter(None if self.data_loader is not None else [batch])
+        batch = self._batch(batch)
+        loss = self._run_inner_step(lambda keys: self._step(batch, keys),
+                                    None if self.data_loader is not None else [batch])
+        steps = self.state.steps_since_recenter
+        if self.T is None and self.data_loader is None and steps and steps % SATURATION_CHECK_EVERY == 0:
+            self._warn_if_saturated()
+        return loss
+
+    def _step(self, batch, keys):
         entry = self._entry(batch)
-        sources = self._sources(batch)
-        sources[Role.ANCHOR_CONSTANT] = self.programs.anchor_constants(entry, sources, state.anchor_version)
+        sources = self._sources(batch, keys)
+        sources[Role.ANCHOR_CONSTANT] = self.programs.anchor_constants(entry, sources, self.state.anchor_version)
         program = self.programs.step_program(entry, sources)
         results = program(sources)
-        loss = results[0]
-        if not bool(results[-1]):  # the guard's all_finite, the last output
-            state.nonfinite_steps += 1
-            if self.on_nonfinite == "raise":
-                raise NonFiniteError(
-                    f"step {state.steps_since_recenter} after recenter {state.recenters}: the loss "
-                    f"({float(loss):g}), a corrected gradient, an update or a new buffer is NaN/Inf; no state was "
-                    "changed. Lower lr, check the batch for NaN/Inf, or pass on_nonfinite='skip'.")
-            return loss
-        state.commit(program.output_roles, results)
-        state.rounding_counter += 1
-        state.steps_since_recenter += 1
-        if self._layout is None:
-            self._layout = _layout(batch)
-        if not self._module_released:
-            self._release_module_parameters()
-        if self.T is None and self.data_loader is None and state.steps_since_recenter % SATURATION_CHECK_EVERY == 0:
-            self._warn_if_saturated(stacklevel=2)
-        return loss
+
+        def commit():
+            self.state.commit(program.output_roles, results)
+            if self._layout is None:
+                self._layout = _layout(batch)
+            if not self._module_released:
+                self._release_module_parameters()
+        return Outcome(results[program.position((Role.LOSS, None))],
+                       results[program.position((Role.ALL_FINITE, None))], commit, undo=lambda: None)
 
     def recenter(self, batches=None):
         """Move the anchor to the current weights, take the full gradient there, reset offsets and scales.
@@ -148,42 +145,53 @@ class TrainingStep:
         ``data_loader``), each batch weighted by its number of examples. Buffers
         such as BatchNorm running statistics are not updated by it.
         """
-        self._recenter(batches)
+        self._run_recenter(batches)
 
-    def _recenter(self, batches):
-        # Called by recenter() and __call__ alike, so that warnings point at the user's line.
+    # -- the loop's route ------------------------------------------------------------------------
+    def _tensor_names(self):
+        return self.state.names
+
+    def _tensor_bits(self):
+        return [self.bits] * len(self.state.names)
+
+    def _tensor_mus(self):
+        return [self.mu] * len(self.state.names)
+
+    def _tensor_state(self):
+        state = self.state
+        mus = state.mus if state.auto_mu else {}
+        return [(state[Role.OFFSET][n], state[Role.SCALE][n], mus.get(n), state[Role.UNDERFLOW][n])
+                for n in state.names]
+
+    def _stochastic(self):
+        return self.bits is not None and self.rounding == "stochastic"
+
+    def _current_weights(self):
+        return list(self.state.weights().values())
+
+    def _full_gradient(self, batches):
         if batches is None and self.data_loader is None:
             raise ValueError("recenter() needs batches=[...] or a data_loader passed to transform()")
         source = full_gradient_batches(self.data_loader) if batches is None else batches
         weights = self.state.weights()
 
         def gradient_of(batch):
-            batch = self._batch(batch, stacklevel=6)
+            batch = self._batch(batch)
             entry = self._entry(batch)
             sources = {**self.state.tensors, Role.PARAM: weights, Role.BATCH: batch}
             program = self.programs.full_gradient_program(entry, sources)
             outputs = program(sources)
             return [outputs[i] for i in program.positions(Role.GRAD)]
 
-        self._warn_if_saturated(stacklevel=3)
         reduce = None
         if self.process_group is not None:
             if batches is None and self.state.recenters == 0:
                 distributed.check_same_length(self.data_loader, self.process_group)
             reduce = distributed.sum_over_ranks(self.process_group)
-        full_grads, norms = full_gradient(source, gradient_of, reduce)
-        state, n = self.state, len(full_grads)
-        mus = [self.mu] * n
-        if state.auto_mu:
-            # The epoch's telemetry is read only once the full gradient succeeded, so a failed recenter changes nothing.
-            steps = state.steps_since_recenter if state.recenters else 0
-            mus = next_mus(list(state.mus.values()), list(self.offset.values()),
-                           list(state[Role.UNDERFLOW].values()), steps, [self.bits] * n)
-        if self.bits is not None and log.isEnabledFor(logging.DEBUG):  # SVRG (bits=None) has no grid to report on
-            log_telemetry(list(self.anchor), [a.numel() for a in self.anchor.values()], [self.bits] * n,
-                          list(self.stats().values()) if state.recenters else None, mus, norms, state.recenters)
-        centered = recentered(list(weights.values()), full_grads, norms, mus, [self.bits] * n)
-        state.recenter(*zip(*centered), full_grads, mus)
+        return full_gradient(source, gradient_of, reduce)
+
+    def _take_recenter(self, anchors, offsets, scales, full_grads, mus):
+        self.state.recenter(anchors, offsets, scales, full_grads, mus)
 
     # -- the state and the module ---------------------------------------------------------------
     def weights(self):
@@ -212,22 +220,6 @@ class TrainingStep:
                 _RELEASED[id(p)] = weakref.ref(p, lambda _, key=id(p): _RELEASED.pop(key, None))
         self._module_released = True
 
-    def stats(self):
-        """Per tensor: ``mu`` (the one the last recenter used), ``scale``, ``saturated`` (the fraction of offset
-        entries at the integer bounds now) and ``underflow`` (the mean over the steps since the last recenter of the
-        fraction of entries whose step ``|lr*u/d|`` was below half a grid step; 0 before any step)."""
-        scales = torch.stack(list(self.scale.values())).tolist()
-        saturated = bit_centering.saturated_fractions(list(self.offset.values()), self.bits).tolist()
-        steps = max(self.state.steps_since_recenter, 1)
-        underflow = underflow_fractions(self.state[Role.UNDERFLOW].values(), steps)
-        mus = list(self.state.mus.values()) if self.state.auto_mu else [self.mu] * len(scales)
-        return {n: {"mu": mu, "scale": scale, "saturated": fraction, "underflow": low}
-                for n, mu, scale, fraction, low in zip(self.anchor, mus, scales, saturated, underflow)}
-
-    def saturated_fraction(self):
-        """The fraction of all offset entries, over every tensor, at the integer bounds now."""
-        return saturated_fraction(list(self.offset.values()), [self.bits] * len(self.offset))
-
     def state_dict(self):
         """Everything needed to continue exactly: per parameter ``<name>.anchor``, ``.offset``, ``.scale``,
         ``.full_grad`` (and ``.momentum_buffer``), ``buffers.<name>``, the rounding counter, the step counters and lr."""
@@ -254,7 +246,7 @@ class TrainingStep:
         return introspection.dump(self, directory)
 
     # -- internals -----------------------------------------------------------------------------
-    def _batch(self, raw, stacklevel):
+    def _batch(self, raw):
         """The batch as a tuple of contiguous tensors, checked against the layout of the steps so far."""
         # Contiguous: a program is compiled for the strides of its first batch, and a batch of the same shape
         # with other strides (a transposed copy, a column slice, channels-last) must run on it too.
@@ -269,7 +261,7 @@ class TrainingStep:
             self._first_examples = examples
         elif (self._has_batch_norm and examples * 4 < self._first_examples and not self._warned_small_batch):
             self._warned_small_batch = True
-            warn_small_batch(examples, self._first_examples, stacklevel=stacklevel)
+            warn_small_batch(examples, self._first_examples, stacklevel=user_stacklevel())
         return batch
 
     def _entry(self, batch):
@@ -283,19 +275,18 @@ class TrainingStep:
         finally:
             self._capturing = False
 
-    def _sources(self, batch):
+    def _sources(self, batch, keys):
         if self._lr_tensor is None:
             self._lr_tensor = torch.tensor(self.lr, dtype=torch.float32, device=self.device)
         sources = {**self.state.tensors, Role.BATCH: batch, Role.LR: {None: self._lr_tensor}}
-        if self.bits is not None and self.rounding == "stochastic":
-            keys = bit_centering.rounding_keys(self.state.rounding_counter, len(self.anchor), self.device)
+        if keys is not None:
             sources[Role.ROUNDING_KEYS] = {None: keys}
         return sources
 
-    def _warn_if_saturated(self, stacklevel):
+    def _warn_if_saturated(self):
         if self.bits is not None:
-            warn_if_saturated(list(self.offset.values()), [self.bits] * len(self.offset), self.saturation_warning,
-                              stacklevel + 1)
+            warn_if_saturated(list(self.offset.values()), self._tensor_bits(), self.saturation_warning,
+                              user_stacklevel())
 
 
 def _layout(batch):

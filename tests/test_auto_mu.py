@@ -335,10 +335,10 @@ def test_optimizer_refines_the_grid_of_underflowing_tensors_per_parameter():
     model, opt, data = make_optimizer()
     opt.param_groups[0]["lr"] = 1e-5
     optimizer_epochs(model, opt, data, 1)
-    assert {s["mu"] for s in opt.stats()} == {1.0}
-    assert all(s["underflow"] > 0.9 for s in opt.stats())
+    assert {s["mu"] for s in opt.stats().values()} == {1.0}
+    assert all(s["underflow"] > 0.9 for s in opt.stats().values())
     optimizer_epochs(model, opt, data, 1)
-    assert {s["mu"] for s in opt.stats()} == {2.0}
+    assert {s["mu"] for s in opt.stats().values()} == {2.0}
     assert all(opt.state[p]["mu"] == 2.0 for p in model.parameters())
 
 
@@ -346,11 +346,11 @@ def test_optimizer_coarsens_the_grid_of_saturated_tensors():
     model, opt, data = make_optimizer()
     opt.param_groups[0]["lr"] = 10.0
     optimizer_epochs(model, opt, data, 1)
-    before = opt.stats()
+    before = list(opt.stats().values())
     saturated = [i for i, s in enumerate(before) if s["saturated"] > auto_mu.SATURATED_ABOVE]
     assert saturated
     optimizer_epochs(model, opt, data, 1)
-    after = opt.stats()
+    after = list(opt.stats().values())
     assert all(after[i]["mu"] == before[i]["mu"] / 2 for i in saturated)
 
 
@@ -365,7 +365,7 @@ def test_optimizer_recenters_log_the_same_telemetry(caplog):
     assert list(second["tensors"]) == [f"param {i}" for i in range(len(params))]  # no model passed: no names
     assert [t["numel"] for t in second["tensors"].values()] == [p.numel() for p in params]
     assert all(t["saturated"] is None and t["next_mu"] == 4.0 for t in first["tensors"].values())
-    assert [t["next_mu"] for t in second["tensors"].values()] == [s["mu"] for s in opt.stats()]
+    assert [t["next_mu"] for t in second["tensors"].values()] == [s["mu"] for s in opt.stats().values()]
 
 
 def test_optimizer_telemetry_names_the_parameters_of_the_model_it_was_given(caplog):
@@ -387,11 +387,11 @@ def test_optimizer_auto_is_per_group():
     opt = HALP([{"params": first, "mu": "auto", "bits": 4}, {"params": second, "mu": 0.5}], lr=0.1, T=len(data),
                data_loader=data, compile=False)
     optimizer_epochs(model, opt, data, 1)
-    stats = opt.stats()
+    stats = list(opt.stats().values())
     # The 4-bit group's two tensors moved together from 4 (the early recenters); the numeric group kept its mu.
     assert stats[0]["mu"] == stats[1]["mu"] != 4.0 and [s["mu"] for s in stats[2:]] == [0.5, 0.5]
-    assert stats[0]["underflow"] is not None and stats[2]["underflow"] is None
-    assert "mu" not in opt.state[second[0]] and "underflow" not in opt.state[second[0]]
+    assert all(0.0 <= s["underflow"] <= 1.0 for s in stats)
+    assert "mu" not in opt.state[second[0]]
 
 
 def test_optimizer_checkpoint_round_trip_with_auto_is_bit_exact():
@@ -401,14 +401,14 @@ def test_optimizer_checkpoint_round_trip_with_auto_is_bit_exact():
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     optimizer_epochs(model, opt, data, 2)
     expected = [p.detach().clone() for p in model.parameters()]
-    expected_mus = [s["mu"] for s in opt.stats()]
+    expected_mus = [s["mu"] for s in opt.stats().values()]
 
     model2, opt2, _ = make_optimizer(bits=4)
     model2.load_state_dict(saved_model)
     opt2.load_state_dict(saved_opt)
     optimizer_epochs(model2, opt2, data, 2)
     assert all(torch.equal(a, b) for a, b in zip(expected, model2.parameters()))
-    assert [s["mu"] for s in opt2.stats()] == expected_mus
+    assert [s["mu"] for s in opt2.stats().values()] == expected_mus
 
 
 def test_optimizer_resumed_in_the_first_epoch_keeps_its_early_recenters_bit_exact(caplog):
@@ -419,7 +419,7 @@ def test_optimizer_resumed_in_the_first_epoch_keeps_its_early_recenters_bit_exac
     with caplog.at_level(logging.DEBUG, logger="halp_fx"):
         optimizer_epochs(model, opt, data, 2)
     expected = [p.detach().clone() for p in model.parameters()]
-    expected_mus = [s["mu"] for s in opt.stats()]
+    expected_mus = [s["mu"] for s in opt.stats().values()]
     assert len([r for r in caplog.records if hasattr(r, "halp_telemetry")]) == 3  # after 4 and 6 steps (early), then 22
 
     model2, opt2, _ = make_optimizer(bits=4, data=data)
@@ -427,7 +427,7 @@ def test_optimizer_resumed_in_the_first_epoch_keeps_its_early_recenters_bit_exac
     opt2.load_state_dict(saved_opt)
     optimizer_epochs(model2, opt2, data, 2)
     assert all(torch.equal(a, b) for a, b in zip(expected, model2.parameters()))
-    assert [s["mu"] for s in opt2.stats()] == expected_mus
+    assert [s["mu"] for s in opt2.stats().values()] == expected_mus
 
 
 def test_optimizer_auto_matches_transform_mu_for_mu():
@@ -435,7 +435,7 @@ def test_optimizer_auto_matches_transform_mu_for_mu():
     run_epochs(step, data, 3)
     model, opt, _ = make_optimizer(bits=4, data=data)
     optimizer_epochs(model, opt, data, 3)
-    assert [s["mu"] for s in step.stats().values()] == [s["mu"] for s in opt.stats()]
+    assert [s["mu"] for s in step.stats().values()] == [s["mu"] for s in opt.stats().values()]
 
 
 @pytest.mark.parametrize("mu", ["Auto", -1])

@@ -1,5 +1,4 @@
 """Centered int8 arithmetic (``transform(..., arithmetic="int8")``): exact where it must be, close where it may not."""
-import os
 import re
 
 import expecttest
@@ -41,9 +40,13 @@ def test_right_after_a_recenter_an_int8_step_is_the_float32_step_bit_for_bit(int
 def test_int8_training_follows_float32_halp(int8_everywhere):
     int8, data = make_step("int8", T=6)
     fp32, _ = make_step("fp32", T=6)
-    for _ in range(4):
-        losses = [(float(int8(x, y)), float(fp32(x, y))) for x, y in data]
+    losses = [(float(int8(x, y)), float(fp32(x, y))) for _ in range(4) for x, y in data]
+    # Every step of the four epochs, not just the last (measured: within 0.31%), and the weights
+    # they end at (within 1.2%): the quantized products' error does not grow into a different run.
     assert all(abs(a - b) < 5e-3 * abs(b) for a, b in losses)
+    assert losses[-1][1] < 0.8 * losses[0][1]   # and the run trained
+    for name, weight in fp32.weights().items():
+        assert (int8.weights()[name] - weight).norm() < 2.5e-2 * weight.norm(), name
 
 
 @pytest.mark.parametrize("levels", [centered_int8.FULL_RANGE, centered_int8.REDUCED_RANGE])
@@ -173,14 +176,12 @@ def test_bad_arithmetic_is_refused_naming_the_allowed_values(arithmetic, bits, w
 
 class TestGoldenCenteredInt8(expecttest.TestCase):
     def test_each_product_at_w_reads_the_anchors_product_plus_int8_corrections(self):
-        os.environ["HALP_FX_INT8_PRODUCTS"] = "always"
-        try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("HALP_FX_INT8_PRODUCTS", "always")
             torch.manual_seed(0)
             step = halp_fx.transform(nn.Linear(2, 1), 8, loss_fn=F.mse_loss, rounding="nearest", compile=False,
                                      arithmetic="int8")
             step(torch.randn(4, 2), torch.randn(4, 1))
-        finally:
-            del os.environ["HALP_FX_INT8_PRODUCTS"]
         # The second operand's range depends on the CPU (7 bits without VNNI/AMX): the golden names it L.
         code = re.sub(r"levels = \d+", "levels = L", readable(step.graphs["centered_int8"].code))
         lines = [line.strip() for line in code.splitlines()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import halp_fx
+from halp_fx.optim.functional import halp_inner_steps
 import halp_fx.passes
 from halp_fx.optim import HALP, SVRG
 from models import SmallCNN, classification_data, mlp
@@ -312,7 +313,7 @@ def test_the_optimizer_warns_when_its_offsets_saturate():
             for x, y in data:
                 opt.step(closure_for(model, x, y))
     assert record[0].filename == __file__
-    assert max(s["saturated"] for s in opt.stats()) > 0.1
+    assert max(s["saturated"] for s in opt.stats().values()) > 0.1
 
 
 # -- 9, 12, 17: compiling ------------------------------------------------------------------------------------
@@ -359,9 +360,12 @@ def test_item_in_forward_under_compile_is_a_capture_error_that_says_what_to_do()
 def test_a_bad_first_batch_does_not_lock_the_step():
     step, data = make_step()
     x, y = data[0]
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError, match="dtype"):
         step(x.long(), y)
+    before = step.state_dict()
     assert torch.isfinite(step(x, y))
+    assert step.steps_since_recenter == 1 and step.nonfinite_steps == 0
+    assert not torch.equal(step.state_dict()["0.weight.offset"], before["0.weight.offset"])
 
 
 # -- 11. dtypes and devices the transform does not train ---------------------------------------------------------
@@ -384,14 +388,24 @@ def test_many_compiled_optimizers_each_keep_their_own_compiled_update():
     limits = {"cache_size_limit": 2}
     if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
         limits["accumulated_cache_size_limit"] = 2
+    updates = []
     with torch._dynamo.config.patch(**limits):
         for width in (3, 4, 5):   # one more shape than one shared code object may hold
-            torch.manual_seed(0)
-            model = nn.Linear(width, 2)
-            data = [(torch.randn(4, width), torch.randint(0, 2, (4,)))]
-            opt = HALP(model.parameters(), lr=0.1, T=5, data_loader=data, mu=0.5)
-            for _ in range(3):
-                opt.step(closure_for(model, *data[0]))
+            runs = []
+            for compile in (True, False):
+                torch.manual_seed(0)
+                model = nn.Linear(width, 2)
+                data = [(torch.randn(4, width), torch.randint(0, 2, (4,)))]
+                opt = HALP(model.parameters(), lr=0.1, T=5, data_loader=data, mu=0.5, biased=True, compile=compile)
+                for _ in range(3):
+                    opt.step(closure_for(model, *data[0]))
+                runs.append([p.detach().clone() for p in model.parameters()])
+                updates.append(opt._inner_steps)
+            # The compiled update ran (no fallback, no cache-limit failure) and computed the eager update's weights.
+            for compiled, eager in zip(*runs):
+                torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)
+    compiled_updates = updates[0::2]
+    assert len({id(u) for u in compiled_updates}) == 3 and all(u is not halp_inner_steps for u in compiled_updates)
 
 
 # -- 14. many batch shapes -----------------------------------------------------------------------------------

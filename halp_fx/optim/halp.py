@@ -17,7 +17,6 @@ the first epoch).
 import contextlib
 import inspect
 import itertools
-import logging
 import types
 import warnings
 
@@ -25,39 +24,9 @@ import torch
 
 from .. import arguments, bit_centering
 from ..data import full_gradient_batches, has_batch_norm, warn_small_batch
-from ..errors import NonFiniteError
-from ..auto_mu import first_mu, log_telemetry, next_mus, uses_band
-from ..recenter import examples_in, full_gradient, log, recenter_due, recentered, warn_if_saturated
-
-
-def inner_steps(groups):
-    """:func:`halp_fx.bit_centering.inner_step` for every tensor of every group, as pure functions.
-
-    Returns ``(new offsets, new momentum buffers or None, new weights, new underflow
-    sums or None)`` per tensor in order (underflow sums for ``mu="auto"`` groups), and
-    one flag: whether the loss, every offset before rounding and every underflow sum are
-    finite. ``lr``, ``weight_decay`` and ``momentum`` are 0-d tensors so that a
-    scheduler changing them does not recompile; ``bits`` and ``rounding`` are
-    constants of the compiled code.
-    """
-    results, checked = [], [groups[0]["loss"]]
-    for group in groups:
-        for i in range(len(group["anchors"])):
-            momentum_buffer = None if group["momentum_buffers"] is None else group["momentum_buffers"][i]
-            key = None if group["keys"] is None else group["keys"][group["indices"][i]]
-            new_offset, direction, moved, underflow = bit_centering.inner_step(
-                group["anchors"][i], group["offsets"][i], group["scales"][i], group["grads"][i],
-                group["anchor_grads"][i], group["full_grads"][i], momentum_buffer, group["lr"],
-                weight_decay=group["weight_decay"], momentum=group["momentum"], bits=group["bits"],
-                rounding=group["rounding"], key=key)
-            new_weight = bit_centering.dequantize(group["anchors"][i], new_offset, group["scales"][i])
-            new_underflow = None
-            if group["underflows"] is not None:
-                new_underflow = group["underflows"][i] + underflow
-                checked.append(new_underflow)
-            results.append((new_offset, None if momentum_buffer is None else direction, new_weight, new_underflow))
-            checked.append(moved)
-    return results, bit_centering.all_finite(*checked)
+from ..loop import HalpLoop, Outcome, same_random_state, user_stacklevel
+from ..recenter import examples_in, full_gradient
+from .functional import halp_inner_steps
 
 
 _compiled_copies = itertools.count()
@@ -77,8 +46,9 @@ def _compiled_copy(fn):
     return torch.compile(copy, fullgraph=True)
 
 
-class _BitCenteredOptimizer(torch.optim.Optimizer):
-    """What HALP and SVRG share; they differ only in their per-group hyperparameters."""
+class _BitCenteredOptimizer(HalpLoop, torch.optim.Optimizer):
+    """What HALP and SVRG share; they differ only in their per-group hyperparameters. A route of
+    :class:`halp_fx.loop.HalpLoop`: it feeds the loop the user's closure."""
 
     def __init__(self, params, defaults, *, T, data_loader, model, compile, seed, on_nonfinite, saturation_warning):
         self.T = arguments.check_T(T, allow_none=False)
@@ -94,7 +64,7 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
         self._closure_modules = None
         self._warned_unseen_buffers = self._warned_small_batch = False
         super().__init__(params, defaults)
-        self._inner_steps = _compiled_copy(inner_steps) if compile else inner_steps
+        self._inner_steps = _compiled_copy(halp_inner_steps) if compile else halp_inner_steps
 
     def add_param_group(self, param_group):
         params = param_group["params"]
@@ -133,117 +103,53 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
         ``closure()`` must compute the loss on this step's batch and call
         ``backward()``; ``closure(*batch)`` must do the same on a batch of
         ``data_loader``. Returns the loss of ``closure()`` at the current weights.
-        A step whose loss or update is NaN/Inf changes nothing: it raises
-        :class:`halp_fx.NonFiniteError` (``on_nonfinite="raise"``) or is skipped and
-        counted in ``nonfinite_steps`` (``"skip"``).
+        A step whose loss or update is NaN/Inf changes nothing (parameters, offsets, momentum, counters and the
+        buffers of ``model``): it raises :class:`halp_fx.NonFiniteError` (``on_nonfinite="raise"``) or is skipped
+        and counted in ``nonfinite_steps`` (``"skip"``).
         """
         _check_closure(closure, ())
-        counters = self._counters
-        if "steps_since_recenter" not in counters or recenter_due(
-                counters["steps_since_recenter"], self.T, self._band,
-                lambda: bit_centering.counter_steps(counters["rounding_counter"])):
-            self._recenter(closure)
+        return self._run_inner_step(lambda keys: self._step(closure, keys), closure)
+
+    def _step(self, closure, keys):
         params = self._trainable()
         # The pass at W updates the buffers (BatchNorm running statistics) as a training step does; a step that
         # turns out non-finite puts them back, as it leaves everything else.
         buffers = self._buffer_values(closure)
-        # Both passes draw the same random numbers (dropout's mask): SVRG's correction cancels noise only
-        # when g(W) and g(A) see the same network.
-        with _same_random_state(params[0].device) as replay:
+        with same_random_state(params[0].device) as replay:
             anchor_grads = self._gradients_at_anchor(params, closure)
             replay()
             loss, grads = self._gradients(params, closure)
-        groups = self._update_arguments(dict(zip(params, grads)), dict(zip(params, anchor_grads)), loss)
-        results, finite = self._inner_steps(groups)
-        if not bool(finite):
+        states = [self.state[p] for p in params]
+        groups = [self._group_of[p] for p in params]
+        device = params[0].device
+
+        def scalars(key):
+            return [torch.as_tensor(g[key], dtype=torch.float32, device=device) for g in groups]
+        for state, p, group in zip(states, params, groups):
+            if group["momentum"]:
+                state.setdefault("momentum_buffer", torch.zeros_like(p, dtype=torch.float32))
+            state.setdefault("underflow", torch.zeros((), device=p.device))  # a state saved before it was kept
+        new_offsets, new_buffers, new_weights, new_underflows, finite = self._inner_steps(
+            torch.as_tensor(0.0 if loss is None else loss, dtype=torch.float32, device=device).detach(),
+            [s["anchor"] for s in states], [s["offset"] for s in states], [s["scale"] for s in states],
+            grads, anchor_grads, [s["full_grad"] for s in states],
+            [s["momentum_buffer"] if g["momentum"] else None for s, g in zip(states, groups)],
+            [s["underflow"] for s in states], keys,
+            lrs=scalars("lr"), weight_decays=scalars("weight_decay"), momentums=scalars("momentum"),
+            bits=[g.get("bits") for g in groups], roundings=[_rounding(g) for g in groups])
+
+        def commit():
+            for p, state, offset, buffer, weight, underflow in zip(params, states, new_offsets, new_buffers,
+                                                                   new_weights, new_underflows):
+                state["offset"], state["underflow"] = offset, underflow
+                if buffer is not None:
+                    state["momentum_buffer"] = buffer
+                p.copy_(weight)
+
+        def undo():
             for buffer, value in buffers:
                 buffer.copy_(value)
-            self.nonfinite_steps += 1
-            if self.on_nonfinite == "raise":
-                raise NonFiniteError(f"step {counters['steps_since_recenter']} after the last recenter: the loss "
-                                     f"({float(loss):g}) or an update is NaN/Inf; no state was changed. Lower lr, "
-                                     "check the batch for NaN/Inf, or pass on_nonfinite='skip'.")
-            return loss
-        for p, (new_offset, new_momentum, new_weight, new_underflow) in zip(self._updated(groups), results):
-            state = self.state[p]
-            state["offset"] = new_offset
-            if new_momentum is not None:
-                state["momentum_buffer"] = new_momentum
-            if new_underflow is not None:
-                state["underflow"] = new_underflow
-            p.copy_(new_weight)
-        # A new tensor, not an in-place add: a state_dict() taken earlier keeps the counter it had.
-        counters["rounding_counter"] = counters["rounding_counter"] + 1
-        counters["steps_since_recenter"] += 1
-        return loss
-
-    @property
-    def _band(self):
-        """Whether a group runs ``mu="auto"`` below 8 bits: then the first epoch has early recenters (for all)."""
-        return any(g.get("mu") == arguments.AUTO_MU and uses_band(g.get("bits")) for g in self.param_groups)
-
-    def _recenter(self, closure):
-        """``A <- W``; ``G`` = the example-weighted mean gradient over ``data_loader`` at A; ``d`` from G; ``Z <- 0``."""
-        params = self._trainable()
-        group_of = {p: group for group in self.param_groups for p in group["params"]}
-        bits = [group_of[p].get("bits") for p in params]
-        if "steps_since_recenter" in self._counters:
-            warn_if_saturated([self.state[p]["offset"] for p in params], bits, self.saturation_warning, stacklevel=5)
-        with self._buffers_kept(closure):
-            full_grads, norms = self._full_gradient(params, closure)
-        mus = self._next_mus(params, group_of, bits)
-        if any(b is not None for b in bits) and log.isEnabledFor(logging.DEBUG):  # SVRG has no grid to report on
-            started = "steps_since_recenter" in self._counters
-            log_telemetry(self._parameter_names(params), [p.numel() for p in params], bits,
-                          self.stats() if started else None, mus, norms)
-        centered = recentered([p.detach().clone() for p in params], full_grads, norms, mus, bits)
-        for p, (anchor, offset, scale), full_grad, mu in zip(params, centered, full_grads, mus):
-            self.state[p].update(anchor=anchor, offset=offset, scale=scale, full_grad=full_grad)
-            if group_of[p].get("mu") == arguments.AUTO_MU:
-                self.state[p].update(mu=mu, underflow=torch.zeros((), device=p.device))
-        counters = self._counters
-        # The seed sits in the high 32 bits, as in the core: the counter alone is the rounding noise's state.
-        counters.setdefault("rounding_counter", torch.tensor(bit_centering.first_counter(self.seed), dtype=torch.int64, device=params[0].device))
-        counters["steps_since_recenter"] = 0
-
-    def _parameter_names(self, params):
-        """The names ``model.named_parameters()`` gives ``params`` when a model was passed, else ``param <i>``."""
-        named = {id(p): name for name, p in self.model.named_parameters()} if self.model is not None else {}
-        return [named.get(id(p), f"param {i}") for i, p in enumerate(params)]
-
-    def _next_mus(self, params, group_of, bits):
-        """Each tensor's mu for this recenter: its group's, or under ``mu="auto"`` the one :func:`next_mus` moves."""
-        mus = [group_of[p].get("mu") for p in params]
-        auto = [i for i, mu in enumerate(mus) if mu == arguments.AUTO_MU]
-        if not auto:
-            return mus
-        started = [i for i in auto if "mu" in self.state[params[i]]]
-        steps = self._counters.get("steps_since_recenter", 0)
-        chosen = next_mus([self.state[params[i]]["mu"] for i in started],
-                          [self.state[params[i]]["offset"] for i in started],
-                          [self.state[params[i]]["underflow"] for i in started], steps, [bits[i] for i in started])
-        chosen = dict(zip(started, chosen))
-        for i in auto:
-            mus[i] = chosen.get(i, first_mu(bits[i]))
-        return mus
-
-    def _full_gradient(self, params, closure):
-        first = []
-
-        def gradient_of(batch):
-            _check_closure(closure, batch)
-            self._warn_if_small(batch, first, closure)
-            return self._gradients(params, closure, *batch)[1]
-        return full_gradient(full_gradient_batches(self.data_loader), gradient_of)
-
-    def _warn_if_small(self, batch, first, closure):
-        examples = examples_in(batch)
-        if not first:
-            first.append(examples)
-        elif examples * 4 < first[0] and not self._warned_small_batch and any(
-                has_batch_norm(m) for m in self._modules_with_buffers(closure)):
-            self._warned_small_batch = True
-            warn_small_batch(examples, first[0], stacklevel=9)
+        return Outcome(loss, finite, commit, undo)
 
     def _gradients_at_anchor(self, params, closure):
         weights = [p.detach().clone() for p in params]
@@ -265,73 +171,79 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
             loss = closure(*batch)
         return loss, [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
 
-    def _rounding_keys(self):
-        """Every trainable tensor's key for this step, by its position among the trainable tensors (as the
-        core numbers them: a frozen tensor passed in ``params`` takes no key)."""
-        counter = self._counters["rounding_counter"]
-        return bit_centering.rounding_keys(int(counter), len(self._trainable()), counter.device)
+    # -- the loop's route ------------------------------------------------------------------------
+    @property
+    def _group_of(self):
+        return {p: group for group in self.param_groups for p in group["params"]}
 
-    def _update_arguments(self, grads, anchor_grads, loss):
-        groups, index, keys = [], 0, None
-        for group in self.param_groups:
-            indexed = list(enumerate([p for p in group["params"] if p.requires_grad], start=index))
-            index += len(indexed)
-            if not indexed:
-                continue
-            params = [p for _, p in indexed]
-            bits, rounding = group.get("bits"), "nearest" if group.get("biased") else "stochastic"
-            stochastic = bits is not None and rounding == "stochastic"
-            if stochastic and keys is None:
-                keys = self._rounding_keys()
-            states = [self.state[p] for p in params]
-            device = params[0].device
-            if group["momentum"]:
-                for state, p in zip(states, params):
-                    state.setdefault("momentum_buffer", torch.zeros_like(p, dtype=torch.float32))
-            groups.append(dict(
-                params=params,
-                loss=torch.as_tensor(0.0 if loss is None else loss, dtype=torch.float32, device=device).detach(),
-                anchors=[s["anchor"] for s in states],
-                offsets=[s["offset"] for s in states],
-                scales=[s["scale"] for s in states],
-                grads=[grads[p] for p in params],
-                anchor_grads=[anchor_grads[p] for p in params],
-                full_grads=[s["full_grad"] for s in states],
-                momentum_buffers=[s["momentum_buffer"] for s in states] if group["momentum"] else None,
-                underflows=([s["underflow"] for s in states]
-                            if bits is not None and group.get("mu") == arguments.AUTO_MU else None),
-                keys=keys if stochastic else None,
-                indices=tuple(i for i, _ in indexed),
-                lr=torch.as_tensor(group["lr"], dtype=torch.float32, device=device),
-                weight_decay=torch.as_tensor(group["weight_decay"], dtype=torch.float32, device=device),
-                momentum=torch.as_tensor(group["momentum"], dtype=torch.float32, device=device),
-                bits=bits,
-                rounding=rounding,
-            ))
-        return groups
+    def _tensor_names(self):
+        """The names ``model.named_parameters()`` gives the trainable tensors when a model was passed, else
+        ``param <i>`` (by position among all parameters passed)."""
+        named = {id(p): name for name, p in self.model.named_parameters()} if self.model is not None else {}
+        every = [p for group in self.param_groups for p in group["params"]]
+        return [named.get(id(p), f"param {i}") for i, p in enumerate(every) if p.requires_grad]
 
-    @staticmethod
-    def _updated(groups):
-        return [p for group in groups for p in group["params"]]
+    def _tensor_bits(self):
+        group_of = self._group_of
+        return [group_of[p].get("bits") for p in self._trainable()]
 
-    def stats(self):
-        """Per parameter, in the order of ``param_groups``: ``mu`` (the one its last recenter used), ``scale``,
-        ``saturated`` (the fraction of its offset entries at the integer bounds now) and, in ``mu="auto"`` groups,
-        ``underflow`` (the mean over the steps since the last recenter of the fraction of entries whose step was
-        below half a grid step; ``None`` in groups with a numeric mu). Empty before the first step."""
-        steps = max(self._counters.get("steps_since_recenter", 0), 1)
-        out = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state.get(p, {})
-                if "offset" not in state:
-                    continue
-                bits = group.get("bits")
-                saturated = float(bit_centering.saturated_fractions([state["offset"]], bits)[0])
-                underflow = float(state["underflow"]) / steps if "underflow" in state else None
-                out.append({"mu": state.get("mu", group.get("mu")), "scale": float(state["scale"]),
-                            "saturated": saturated, "underflow": underflow})
-        return out
+    def _tensor_mus(self):
+        group_of = self._group_of
+        return [group_of[p].get("mu") for p in self._trainable()]
+
+    def _tensor_state(self):
+        # Before the first recenter a tensor has no state: (None, None, None, None).
+        return [(s.get("offset"), s.get("scale"), s.get("mu"), s.get("underflow", torch.zeros(())))
+                for s in map(self.state.__getitem__, self._trainable())]
+
+    def _device(self):
+        return self._trainable()[0].device
+
+    def _stochastic(self):
+        return any(g.get("bits") is not None and _rounding(g) == "stochastic" for g in self.param_groups
+                   if any(p.requires_grad for p in g["params"]))
+
+    def _current_weights(self):
+        return [p.detach().clone() for p in self._trainable()]
+
+    def _full_gradient(self, closure):
+        params, first = self._trainable(), []
+
+        def gradient_of(batch):
+            _check_closure(closure, batch)
+            self._warn_if_small(batch, first, closure)
+            return self._gradients(params, closure, *batch)[1]
+        with self._buffers_kept(closure):
+            return full_gradient(full_gradient_batches(self.data_loader), gradient_of)
+
+    def _take_recenter(self, anchors, offsets, scales, full_grads, mus):
+        params = self._trainable()
+        for p, anchor, offset, scale, full_grad, mu in zip(params, anchors, offsets, scales, full_grads, mus):
+            self.state[p].update(anchor=anchor, offset=offset, scale=scale, full_grad=full_grad,
+                                 underflow=torch.zeros((), device=p.device))
+            if self._group_of[p].get("mu") == arguments.AUTO_MU:
+                self.state[p]["mu"] = mu
+        self._counters.setdefault("rounding_counter", torch.tensor(
+            bit_centering.first_counter(self.seed), dtype=torch.int64, device=params[0].device))
+
+    def _warn_if_small(self, batch, first, closure):
+        examples = examples_in(batch)
+        if not first:
+            first.append(examples)
+        elif examples * 4 < first[0] and not self._warned_small_batch and any(
+                has_batch_norm(m) for m in self._modules_with_buffers(closure)):
+            self._warned_small_batch = True
+            warn_small_batch(examples, first[0], stacklevel=user_stacklevel())
+
+    # The loop's counters live in the first parameter's state, as in torch.optim.LBFGS, so that the inherited
+    # state_dict carries them; nonfinite_steps is the optimizer's own.
+    rounding_counter = property(lambda self: self._counters["rounding_counter"],
+                                lambda self, value: self._counters.__setitem__("rounding_counter", value))
+    steps_since_recenter = property(lambda self: self._counters.get("steps_since_recenter", 0),
+                                    lambda self, value: self._counters.__setitem__("steps_since_recenter", value))
+    # A state saved before the count was kept has recentered at least once if it has a step counter.
+    recenters = property(lambda self: self._counters.get("recenters", int("steps_since_recenter" in self._counters)),
+                         lambda self, value: self._counters.__setitem__("recenters", value))
 
     # -- state -----------------------------------------------------------------------------------
     @property
@@ -383,24 +295,9 @@ class _BitCenteredOptimizer(torch.optim.Optimizer):
                 warnings.warn(f"{type(self).__name__} found no torch.nn.Module holding its parameters among the names "
                               "the closure uses, so the full-gradient pass and the pass at the anchor may also update "
                               "the model's buffers (BatchNorm running statistics); pass model=model to keep them",
-                              UserWarning)
+                              UserWarning, stacklevel=user_stacklevel())
             return []
         return self._closure_modules
-
-
-@contextlib.contextmanager
-def _same_random_state(device):
-    """Yields ``replay()``, which puts the random generators (CPU, and ``device``'s if CUDA) back to their state
-    on entry, so the code after it draws the same numbers as the code before it."""
-    cuda = device.type == "cuda"
-    cpu_state = torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state(device) if cuda else None
-
-    def replay():
-        torch.set_rng_state(cpu_state)
-        if cuda:
-            torch.cuda.set_rng_state(cuda_state, device)
-    yield replay
 
 
 def _modules_named_by(closure, params):
@@ -418,6 +315,10 @@ def _modules_named_by(closure, params):
     modules = {id(m): m for m in candidates
                if isinstance(m, torch.nn.Module) and any(id(p) in wanted for p in m.parameters())}
     return list(modules.values())
+
+
+def _rounding(group):
+    return "nearest" if group.get("biased") else "stochastic"
 
 
 def _check_closure(closure, batch):
