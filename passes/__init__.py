@@ -1,9 +1,11 @@
 """The FX passes that turn a captured gradient graph into a HALP step, in the order they run.
 
 Each pass is a ``torch.fx.passes.infra.pass_base.PassBase`` in a module of its
-own whose docstring shows the graph before and after it, and states the roles
-it needs in the graph (``needs``), so a pass run out of order names the pass
-missing before it. ``halp_passes`` is the one list of them; ``run_passes``
+own whose docstring shows the graph before and after it. It states the roles
+it needs in the graph (``needs``) and what the graph holds after it
+(``guarantees``, ``leaves_no``); both are checked, so a pass run out of order
+names the pass missing before it, and a pass that breaks its promise is named
+at once. ``halp_passes`` is the one list of them; ``run_passes``
 applies it and keeps a copy of the graph after every pass, so a reader can
 follow the rewrite stage by stage.
 """

@@ -30,6 +30,7 @@ from .pass_base import HalpPass
 class AllReducePass(HalpPass):
     name = "all_reduce"
     needs = ((Role.CORRECTED_GRAD, "svrg_correction"),)
+    guarantees = ((Role.CORRECTED_GRAD, "output"), (Role.LOSS, "output"))
 
     def __init__(self, group, world_size):
         super().__init__()

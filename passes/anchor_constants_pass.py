@@ -48,6 +48,7 @@ def _ancestors(nodes):
 
 class AnchorConstantsPass(HalpPass):
     name = "anchor_constants"
+    guarantees = ((Role.OFFSET, "output"), (Role.ALL_FINITE, "output"))
 
     def __init__(self):
         super().__init__()

@@ -38,6 +38,7 @@ _SAME = "same"   # the node at W is the node at the anchor: its difference is ze
 class AnchorDifferencePass(HalpPass):
     name = "anchor_difference"
     needs = ((Role.CORRECTED_GRAD, "svrg_correction"),)
+    guarantees = ((Role.CORRECTED_GRAD, "output"),)
 
     def __init__(self):
         super().__init__()

@@ -32,6 +32,7 @@ _BF16 = {torch.ops.aten.mm.default: bf16_anchor.mm, torch.ops.aten.addmm.default
 class Bf16AnchorPass(HalpPass):
     name = "bf16_anchor"
     needs = ((Role.CORRECTED_GRAD, "svrg_correction"),)
+    guarantees = ((Role.CORRECTED_GRAD, "output"),)
 
     def __init__(self, always=False):
         super().__init__()

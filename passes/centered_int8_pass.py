@@ -75,6 +75,7 @@ def weight_views(at_weights, at_anchor):
 class CenteredInt8Pass(HalpPass):
     name = "centered_int8"
     needs = ((Role.CORRECTED_GRAD, "svrg_correction"),)
+    guarantees = ((Role.CORRECTED_GRAD, "output"),)
 
     def __init__(self, bits=8, always=False):
         super().__init__()

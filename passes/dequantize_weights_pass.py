@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 class DequantizeWeightsPass(HalpPass):
     name = "dequantize_weights"
     needs = ((Role.PARAM, "capture"),)
+    guarantees = ((Role.ANCHOR, "node"), (Role.OFFSET, "node"), (Role.SCALE, "node"), (Role.WEIGHT, "node"))
+    leaves_no = ((Role.PARAM, "node"),)
 
     def __init__(self, bits):
         super().__init__()

@@ -33,6 +33,7 @@ from .pass_base import HalpPass
 class NonfiniteGuardPass(HalpPass):
     name = "nonfinite_guard"
     needs = ((Role.UPDATE, "offset_update"),)
+    guarantees = ((Role.ALL_FINITE, "output"), (Role.OFFSET, "output"))
 
     def __init__(self):
         super().__init__()

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 class OffsetUpdatePass(HalpPass):
     name = "offset_update"
     needs = ((Role.CORRECTED_GRAD, "svrg_correction"),)
+    guarantees = ((Role.UPDATE, "node"), (Role.OFFSET, "output"), (Role.UNDERFLOW, "output"), (Role.LR, "node"))
+    leaves_no = ((Role.CORRECTED_GRAD, "output"),)
 
     def __init__(self, bits, rounding, momentum, weight_decay):
         super().__init__()

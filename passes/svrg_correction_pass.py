@@ -62,6 +62,8 @@ def _descendants(roots):
 class SvrgCorrectionPass(HalpPass):
     name = "svrg_correction"
     needs = ((Role.WEIGHT, "dequantize_weights"), (Role.GRAD, "capture"))
+    guarantees = ((Role.FULL_GRAD, "node"), (Role.CORRECTED_GRAD, "output"))
+    leaves_no = ((Role.GRAD, "output"),)
 
     def __init__(self):
         super().__init__()

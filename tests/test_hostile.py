@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx.passes.infra.pass_base import PassResult
 from torch.utils.data import DataLoader, TensorDataset
 
 import halp_fx
@@ -472,6 +473,27 @@ def test_a_pass_list_without_svrg_correction_names_the_missing_pass():
               halp_fx.passes.NonfiniteGuardPass()]
     with pytest.raises(halp_fx.PassError, match="pass offset_update needs svrg_correction"):
         halp_fx.passes.run_passes(step.graphs["captured"], passes)
+
+
+def test_a_pass_that_breaks_its_guarantee_is_named_before_any_step_runs():
+    class ForgetfulOffsetUpdate(halp_fx.passes.OffsetUpdatePass):
+        def call(self, gm):   # promises an update per tensor, makes none
+            return PassResult(gm, False)
+
+    step, data = make_step()
+    step(*data[0])
+    passes = halp_fx.passes.halp_passes(8, "nearest", 0.0, 0.0)
+    passes = [ForgetfulOffsetUpdate(8, "nearest", 0.0, 0.0) if p.name == "offset_update" else p for p in passes]
+    with pytest.raises(halp_fx.PassError, match=r"pass offset_update guarantees a update node for every trainable "
+                                                r"tensor, and the graph it made has none for \['0.bias', '0.weight'"):
+        halp_fx.passes.run_passes(step.graphs["captured"], passes)
+
+
+def test_every_pass_states_what_it_needs_and_what_it_guarantees():
+    passes = halp_fx.passes.halp_passes(8, "stochastic", 0.9, 1e-4, arithmetic="int8", anchor_precision="bf16",
+                                        group="g", world_size=2)
+    assert all(p.guarantees for p in passes)
+    assert all(p.needs for p in passes if p.name != "anchor_constants")
 
 
 def test_the_recenter_runs_the_captured_graph_itself():
