@@ -129,7 +129,7 @@ def machine_info(torch, args):
     info = {
         "torch": torch.__version__, "python": platform.python_version(), "halp_fx": halp_fx.__version__,
         "cpu": cpu_model(), "cpu_flags": cpu_flags(), "cpu_capability": cpu_capability(torch),
-        "int8_products_env": os.environ.get("HALP_FX_INT8_PRODUCTS", ""),
+        "int8_products_env": "always" if centered_int8.forced() else "",
         "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "device": args.device,
         "platform": platform.platform(), "inductor": not args.no_inductor,
         "load_average_at_start": os.getloadavg(),

@@ -1,5 +1,7 @@
-"""The two routes to a HALP step, ``halp_fx.transform`` and ``halp_fx.optim.HALP``, on the cases where they once
-disagreed: a non-finite batch on a BatchNorm model, and stochastic rounding with a frozen tensor."""
+"""The two routes to a HALP step, ``halp_fx.transform`` and ``halp_fx.optim.HALP``, run one loop
+(``halp_fx/loop.py``): the same training gives the same bits, stats and state on both, including the cases where
+they once disagreed (a non-finite batch on a BatchNorm model, stochastic rounding with a frozen tensor)."""
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -104,3 +106,34 @@ def test_both_routes_name_the_momentum_state_momentum_buffer_and_the_old_name_st
     for x, y in data[1:]:
         assert torch.equal(resumed(x, y), step(x, y))
     assert all(torch.equal(resumed.momentum_buffer[n], m) for n, m in step.momentum_buffer.items())
+
+
+COUNTERS = ("rounding_counter", "steps_since_recenter", "recenters")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_same_training_gives_the_same_weights_stats_and_state_on_both_routes(bits):
+    """Momentum, weight decay, mu="auto" (its early recenters below 8 bits), stochastic rounding, three epochs."""
+    data = batches(6)
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    options = {"lr": 0.05, "T": 3, "mu": "auto", "momentum": 0.9, "weight_decay": 1e-3, "seed": 3}
+    core_model, opt_model = model(), model()
+    core = halp_fx.transform(core_model, bits, loss_fn=F.cross_entropy, data_loader=data, rounding="stochastic",
+                             compile=False, **options)
+    opt = HALP(opt_model.parameters(), bits=bits, data_loader=data, model=opt_model, compile=False, **options)
+    for _ in range(3):
+        for x, y in data:
+            assert torch.equal(core(x, y), optim_step(opt_model, opt, x, y))
+
+    trained = dict(opt_model.named_parameters())
+    for name, weight in core.weights().items():
+        assert torch.equal(weight, trained[name].detach()), name
+    assert core.stats() == opt.stats()
+    assert bits == 8 or {stat["mu"] for stat in core.stats().values()} != {4.0}   # at 4 bits mu="auto" moved
+    saved, opt_saved = core.state_dict(), opt.state_dict()
+    per_tensor = {key.rsplit(".", 1)[1] for key in saved if key.count(".") == 2}
+    assert all(set(state) - set(COUNTERS) == per_tensor for state in opt_saved["state"].values())
+    assert [int(saved[c]) for c in COUNTERS] == [int(opt_saved["state"][0][c]) for c in COUNTERS]

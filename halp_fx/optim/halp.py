@@ -241,15 +241,12 @@ class _BitCenteredOptimizer(HalpLoop, torch.optim.Optimizer):
                                 lambda self, value: self._counters.__setitem__("rounding_counter", value))
     steps_since_recenter = property(lambda self: self._counters.get("steps_since_recenter", 0),
                                     lambda self, value: self._counters.__setitem__("steps_since_recenter", value))
-    # A state saved before the count was kept has recentered at least once if it has a step counter.
-    recenters = property(lambda self: self._counters.get("recenters", int("steps_since_recenter" in self._counters)),
+    recenters = property(lambda self: self._counters.get("recenters", 0),
                          lambda self, value: self._counters.__setitem__("recenters", value))
 
     # -- state -----------------------------------------------------------------------------------
     @property
     def _counters(self):
-        # Optimizer-wide counters live in the first parameter's state, as in torch.optim.LBFGS,
-        # so that the inherited state_dict carries them.
         return self.state[self.param_groups[0]["params"][0]]
 
     def _trainable(self):
@@ -265,6 +262,9 @@ class _BitCenteredOptimizer(HalpLoop, torch.optim.Optimizer):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if isinstance(value, torch.Tensor):
                     self.state[p][key] = value.to(device=p.device, copy=True)
+        # A state saved before the count was kept has recentered at least once if it has a step counter.
+        if "steps_since_recenter" in self._counters:
+            self._counters.setdefault("recenters", 1)
 
     # -- buffers ---------------------------------------------------------------------------------
     def _buffer_values(self, closure):
