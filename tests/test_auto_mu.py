@@ -9,6 +9,7 @@ three early recenters, ceil(T/8) steps apart. mu stays within [0.25, 64]; the fi
 4 bits.
 """
 import copy
+import math
 import logging
 
 import pytest
@@ -23,6 +24,80 @@ from halp_fx.roles import Role
 from models import classification_data, mlp
 
 
+ROUTES = ["transform", "optim"]
+
+
+class Training:
+    """One HALP training of the test MLP, on either route (``transform`` or ``optim.HALP``), driven alike: every
+    behaviour of mu="auto" below is checked on both."""
+
+    def __init__(self, route, bits=8, mu="auto", lr=0.1, data=None):
+        torch.manual_seed(0)
+        self.route, self.data, self.model = route, classification_data("mlp") if data is None else data, mlp()
+        if route == "transform":
+            self.halp = halp_fx.transform(self.model, bits, mu=mu, loss_fn=F.cross_entropy, data_loader=self.data,
+                                          lr=lr, compile=False)
+        else:
+            self.halp = HALP(self.model.parameters(), lr=lr, T=len(self.data), data_loader=self.data, mu=mu,
+                             bits=bits, model=self.model, compile=False)
+
+    def steps(self, batches):
+        for x, y in batches:
+            if self.route == "transform":
+                self.halp(x, y)
+                continue
+
+            def closure(data=x, target=y):
+                loss = F.cross_entropy(self.model(data), target)
+                loss.backward()
+                return loss
+            self.halp.zero_grad()
+            self.halp.step(closure)
+
+    def epochs(self, count):
+        self.steps(self.data * count)
+
+    def stats(self):
+        return self.halp.stats()
+
+    @property
+    def recenters(self):
+        return self.halp.recenters
+
+    def full_grads(self):
+        if self.route == "transform":
+            return dict(self.halp.state[Role.FULL_GRAD])
+        return {n: self.halp.state[p]["full_grad"] for n, p in self.model.named_parameters()}
+
+    def checkpoint(self):
+        """A deep copy, as a checkpoint on disk is (torch.optim's state_dict() holds the live state)."""
+        if self.route == "transform":
+            return copy.deepcopy(self.halp.state_dict())
+        return copy.deepcopy((self.model.state_dict(), self.halp.state_dict()))
+
+    def resume(self, checkpoint):
+        if self.route == "transform":
+            self.halp(*self.data[0])   # a step builds its state; loading then replaces all of it
+            self.halp.load_state_dict(checkpoint)
+        else:
+            self.model.load_state_dict(checkpoint[0])
+            self.halp.load_state_dict(checkpoint[1])
+
+    def state(self):
+        """Every tensor of the training state by a flat name: weights, the HALP state, the counters."""
+        if self.route == "transform":
+            return {**{f"weight {n}": w for n, w in self.halp.weights().items()}, **self.halp.state_dict()}
+        state = {f"weight {n}": p.detach().clone() for n, p in self.model.named_parameters()}
+        saved = self.halp.state_dict()["state"]
+        return {**state, **{f"{i}.{k}": v for i, entries in saved.items() for k, v in entries.items()}}
+
+
+def assert_same_state(expected, got):
+    assert expected.keys() == got.keys()
+    for key, value in expected.items():
+        assert torch.equal(value, got[key]) if isinstance(value, torch.Tensor) else value == got[key], key
+
+
 def make_step(bits=8, mu="auto", data=None, **options):
     torch.manual_seed(0)
     data = classification_data("mlp") if data is None else data
@@ -34,25 +109,6 @@ def run_epochs(step, data, epochs):
     for _ in range(epochs):
         for batch in data:
             step(*batch)
-
-
-def make_optimizer(bits=8, mu="auto", data=None, **options):
-    torch.manual_seed(0)
-    data = classification_data("mlp") if data is None else data
-    model = mlp()
-    opt = HALP(model.parameters(), lr=0.1, T=len(data), data_loader=data, mu=mu, bits=bits, compile=False, **options)
-    return model, opt, data
-
-
-def optimizer_epochs(model, opt, data, epochs):
-    for _ in range(epochs):
-        for x, y in data:
-            def closure(data=x, target=y):
-                loss = F.cross_entropy(model(data), target)
-                loss.backward()
-                return loss
-            opt.zero_grad()
-            opt.step(closure)
 
 
 # -- the rule ------------------------------------------------------------------------------------------
@@ -130,72 +186,143 @@ def test_the_underflow_fraction_counts_steps_below_half_a_grid_step():
     assert float(halp_fx.bit_centering.underflow_fraction(offset, moved, 8)) == 0.5
 
 
-# -- transform ----------------------------------------------------------------------------------------
+# -- on both routes -------------------------------------------------------------------------------------
 
-def test_transform_starts_auto_from_the_first_epoch_default():
-    step, data = make_step(bits=4)
-    step(*data[0])
-    assert {s["mu"] for s in step.stats().values()} == {4.0}
-    assert step.scale["0.weight"] == pytest.approx(float(step.full_grad["0.weight"].norm()) / (4.0 * 7))
-
-
-def test_transform_refines_the_grid_of_a_tensor_whose_updates_underflow():
-    # A tiny lr: every step is far below half a grid step and nothing saturates.
-    step, data = make_step(lr=1e-5)
-    run_epochs(step, data, 1)
-    assert all(s["underflow"] > 0.9 for s in step.stats().values())
-    step(*data[0])  # recenters
-    assert {s["mu"] for s in step.stats().values()} == {2.0}
+@pytest.mark.parametrize("route", ROUTES)
+def test_auto_starts_from_the_first_epoch_default(route):
+    training = Training(route, bits=4)
+    training.steps(training.data[:1])
+    assert {s["mu"] for s in training.stats().values()} == {4.0}
+    norm = float(training.full_grads()["0.weight"].norm())
+    assert training.stats()["0.weight"]["scale"] == pytest.approx(norm / (4.0 * 7))
 
 
-def test_transform_coarsens_the_grid_of_a_saturated_tensor():
-    step, data = make_step(lr=10.0)
-    run_epochs(step, data, 1)
-    before = step.stats()
+@pytest.mark.parametrize("route", ROUTES)
+def test_training_refines_the_grid_of_each_tensor_whose_updates_underflow(route):
+    training = Training(route, lr=1e-5)   # every step far below half a grid step, nothing saturates
+    training.epochs(1)
+    assert {s["mu"] for s in training.stats().values()} == {1.0}
+    assert all(s["underflow"] > 0.9 for s in training.stats().values())
+    training.steps(training.data[:1])   # recenters first
+    assert {s["mu"] for s in training.stats().values()} == {2.0}
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_training_coarsens_the_grid_of_each_saturated_tensor(route):
+    training = Training(route, lr=10.0)
+    training.epochs(1)
+    before = training.stats()
     saturated = [n for n, s in before.items() if s["saturated"] > auto_mu.SATURATED_ABOVE]
     assert saturated
-    step(*data[0])
-    after = step.stats()
+    training.steps(training.data[:1])
+    after = training.stats()
     assert all(after[n]["mu"] == before[n]["mu"] / 2 for n in saturated)
 
 
-def test_transform_stats_report_mu_saturation_and_underflow_per_tensor():
-    step, data = make_step(mu=0.5)
-    run_epochs(step, data, 1)
-    stats = step.stats()
-    assert set(stats) == set(step.anchor)
+@pytest.mark.parametrize("route", ROUTES)
+def test_stats_report_mu_saturation_and_underflow_per_tensor_by_name(route):
+    training = Training(route, mu=0.5)
+    training.epochs(1)
+    stats = training.stats()
+    assert list(stats) == [n for n, _ in training.model.named_parameters()]
     for s in stats.values():
         assert s["mu"] == 0.5 and 0.0 <= s["saturated"] <= 1.0 and 0.0 <= s["underflow"] <= 1.0
 
 
-def test_each_recenter_logs_the_epochs_telemetry_and_the_mu_it_chose_at_debug_level(caplog):
-    step, data = make_step(bits=4)
-    run_epochs(step, data, 1)
-    before, recenters = step.stats(), step.recenters
+@pytest.mark.parametrize("route", ROUTES)
+def test_each_recenter_logs_the_epochs_telemetry_and_the_mu_it_chose_at_debug_level(route, caplog):
+    training = Training(route, bits=4)   # T=6: recenters at steps 0, 1, 2, 3 (three early ones), then 9
+    training.steps(training.data + training.data[:3])
+    before, recenters = training.stats(), training.recenters
+    assert recenters == 4
     with caplog.at_level(logging.DEBUG, logger="halp_fx"):
-        step.recenter()
+        training.steps(training.data[3:4])
     records = [r for r in caplog.records if hasattr(r, "halp_telemetry")]
     assert len(records) == 1 and f"recenter {recenters}:" in records[0].getMessage()
     telemetry = records[0].halp_telemetry
     assert telemetry["recenter"] == recenters
-    after = step.stats()
+    after, full_grads = training.stats(), training.full_grads()
     assert list(telemetry["tensors"]) == list(after)
     for name, logged in telemetry["tensors"].items():
-        assert logged["numel"] == step.anchor[name].numel() and logged["bits"] == 4
+        assert logged["numel"] == full_grads[name].numel() and logged["bits"] == 4
         assert (logged["mu"], logged["saturated"], logged["underflow"]) == \
             (before[name]["mu"], before[name]["saturated"], before[name]["underflow"])
         assert logged["next_mu"] == after[name]["mu"]
-        assert logged["full_grad_norm"] == pytest.approx(float(step.state[Role.FULL_GRAD][name].norm()))
+        assert logged["full_grad_norm"] == pytest.approx(float(full_grads[name].norm()))
 
 
-def test_the_first_recenter_logs_no_epoch_and_a_numeric_mu_logs_it_unchanged(caplog):
-    step, data = make_step(bits=8, mu=2.0)
+@pytest.mark.parametrize("route", ROUTES)
+def test_the_first_recenter_logs_no_epoch_and_a_numeric_mu_logs_it_unchanged(route, caplog):
+    training = Training(route, mu=2.0)
     with caplog.at_level(logging.DEBUG, logger="halp_fx"):
-        run_epochs(step, data, 1)
-        step.recenter()
+        training.steps(training.data + training.data[:1])
     first, second = [r.halp_telemetry for r in caplog.records if hasattr(r, "halp_telemetry")]
     assert all(t["mu"] is None and t["saturated"] is None for t in first["tensors"].values())
     assert all(t["mu"] == 2.0 and t["next_mu"] == 2.0 for t in second["tensors"].values())
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_training_recenters_three_times_early_below_8_bits_only_under_auto(route):
+    counts = {}
+    for bits, mu in [(4, "auto"), (8, "auto"), (4, 2.0)]:
+        training = Training(route, bits=bits, mu=mu)   # 6 batches: T=6, the early recenters 1 step apart
+        training.epochs(2)
+        counts[bits, mu] = training.recenters
+    assert counts == {(4, "auto"): 5, (8, "auto"): 2, (4, 2.0): 2}
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_training_resumed_in_the_first_epoch_keeps_its_early_recenters_bit_exact(route):
+    data = classification_data("mlp", samples=128)   # T=16: early recenters every 2 steps
+    training = Training(route, bits=4, data=data)
+    training.steps(data[:3])   # between the first and the second early recenter
+    saved = training.checkpoint()
+    training.epochs(2)
+    resumed = Training(route, bits=4, data=data)
+    resumed.resume(saved)
+    resumed.epochs(2)
+    assert resumed.recenters == training.recenters == 5   # after 0, 2, 4, 6 and 22 steps
+    assert_same_state(training.state(), resumed.state())
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_checkpoint_round_trip_with_auto_is_bit_exact(route):
+    training = Training(route, bits=4)
+    training.epochs(2)
+    training.steps(training.data[:1])
+    saved = training.checkpoint()
+    training.epochs(2)
+    resumed = Training(route, bits=4)
+    resumed.resume(saved)
+    resumed.epochs(2)
+    assert_same_state(training.state(), resumed.state())
+    assert training.stats() == resumed.stats()
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_auto_is_deterministic(route):
+    runs = []
+    for _ in range(2):
+        training = Training(route, bits=4)
+        training.epochs(3)
+        runs.append((training.stats(), training.state()))
+    assert runs[0][0] == runs[1][0]
+    assert_same_state(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("mu", ["Auto", -1, 0.0, math.nan, None])
+def test_other_mus_are_refused_naming_the_allowed_values(route, mu):
+    with pytest.raises(ValueError, match="mu must be a finite number > 0 or 'auto'"):
+        Training(route, mu=mu)
+
+
+# -- transform ------------------------------------------------------------------------------------------
+
+def test_transform_checkpoint_has_a_mu_per_tensor():
+    step, data = make_step(bits=4)
+    step(*data[0])
+    assert {k for k in step.state_dict() if k.endswith(".mu")} == {f"{n}.mu" for n in step.anchor}
 
 
 def test_svrg_has_no_grid_and_logs_no_telemetry(caplog):
@@ -203,15 +330,6 @@ def test_svrg_has_no_grid_and_logs_no_telemetry(caplog):
     with caplog.at_level(logging.DEBUG, logger="halp_fx"):
         run_epochs(step, data, 2)
     assert not [r for r in caplog.records if hasattr(r, "halp_telemetry")]
-
-
-def test_transform_recenters_three_times_early_below_8_bits_only_under_auto():
-    counts = {}
-    for bits, mu in [(4, "auto"), (8, "auto"), (4, 2.0)]:
-        step, data = make_step(bits=bits, mu=mu)  # 6 batches: T=6, so the early recenters come 1 step apart
-        run_epochs(step, data, 2)
-        counts[bits, mu] = step.recenters
-    assert counts == {(4, "auto"): 5, (8, "auto"): 2, (4, 2.0): 2}
 
 
 def test_the_early_recenters_count_committed_steps_only_and_need_no_data_loader():
@@ -234,54 +352,6 @@ def test_the_early_recenters_count_committed_steps_only_and_need_no_data_loader(
     assert step.recenters == 4  # after 0, 2, 4 and 6 steps; the next is after 22
 
 
-def test_transform_resumed_in_the_first_epoch_keeps_its_early_recenters_bit_exact():
-    step, data = make_step(bits=4, data=classification_data("mlp", samples=128))  # T=16: early recenters every 2
-    run_epochs(step, data[:3], 1)  # between the first and the second early recenter
-    saved = step.state_dict()
-    run_epochs(step, data, 2)
-    expected = step.state_dict()
-
-    resumed, _ = make_step(bits=4, data=data)
-    resumed(*data[0])
-    resumed.load_state_dict(saved)
-    run_epochs(resumed, data, 2)
-    assert resumed.recenters == step.recenters == 5  # after 0, 2, 4, 6 and 22 steps
-    got = resumed.state_dict()
-    for key, value in expected.items():
-        assert torch.equal(value, got[key]) if isinstance(value, torch.Tensor) else value == got[key], key
-
-
-def test_transform_auto_is_deterministic():
-    runs = []
-    for _ in range(2):
-        step, data = make_step(bits=4)
-        run_epochs(step, data, 3)
-        runs.append((step.stats(), step.state_dict()))
-    assert runs[0][0] == runs[1][0]
-    for key, value in runs[0][1].items():
-        other = runs[1][1][key]
-        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, key
-
-
-def test_transform_checkpoint_round_trip_with_auto_is_bit_exact():
-    step, data = make_step(bits=4)
-    run_epochs(step, data, 2)
-    step(*data[0])
-    saved = step.state_dict()
-    assert {k for k in saved if k.endswith(".mu")} == {f"{n}.mu" for n in step.anchor}
-    run_epochs(step, data, 2)
-    expected = step.state_dict()
-
-    resumed, _ = make_step(bits=4)
-    resumed(*data[0])
-    resumed.load_state_dict(saved)
-    run_epochs(resumed, data, 2)
-    got = resumed.state_dict()
-    assert expected.keys() == got.keys()
-    for key, value in expected.items():
-        assert torch.equal(value, got[key]) if isinstance(value, torch.Tensor) else value == got[key], key
-
-
 def test_a_numeric_mu_keeps_the_state_dict_keys():
     step, data = make_step(mu=0.5)
     step(*data[0])
@@ -295,12 +365,6 @@ def test_an_auto_checkpoint_is_refused_by_a_numeric_mu_step():
     numeric(*data[0])
     with pytest.raises(ValueError, match="saved with mu='auto'"):
         numeric.load_state_dict(step.state_dict())
-
-
-@pytest.mark.parametrize("mu", ["Auto", -1, 0.0, float("nan"), None])
-def test_transform_refuses_other_mus_naming_the_allowed_values(mu):
-    with pytest.raises(ValueError, match="mu must be a finite number > 0 or 'auto'"):
-        make_step(mu=mu)
 
 
 def test_a_step_does_not_switch_to_auto_after_transform():
@@ -331,52 +395,26 @@ def test_auto_at_4_bits_does_not_collapse_where_mu_half_does():
 
 # -- halp_fx.optim.HALP ---------------------------------------------------------------------------------
 
-def test_optimizer_refines_the_grid_of_underflowing_tensors_per_parameter():
-    model, opt, data = make_optimizer()
-    opt.param_groups[0]["lr"] = 1e-5
-    optimizer_epochs(model, opt, data, 1)
-    assert {s["mu"] for s in opt.stats().values()} == {1.0}
-    assert all(s["underflow"] > 0.9 for s in opt.stats().values())
-    optimizer_epochs(model, opt, data, 1)
-    assert {s["mu"] for s in opt.stats().values()} == {2.0}
-    assert all(opt.state[p]["mu"] == 2.0 for p in model.parameters())
+def optimizer_epoch(model, opt, data):
+    for x, y in data:
+        def closure(data=x, target=y):
+            loss = F.cross_entropy(model(data), target)
+            loss.backward()
+            return loss
+        opt.zero_grad()
+        opt.step(closure)
 
 
-def test_optimizer_coarsens_the_grid_of_saturated_tensors():
-    model, opt, data = make_optimizer()
-    opt.param_groups[0]["lr"] = 10.0
-    optimizer_epochs(model, opt, data, 1)
-    before = list(opt.stats().values())
-    saturated = [i for i, s in enumerate(before) if s["saturated"] > auto_mu.SATURATED_ABOVE]
-    assert saturated
-    optimizer_epochs(model, opt, data, 1)
-    after = list(opt.stats().values())
-    assert all(after[i]["mu"] == before[i]["mu"] / 2 for i in saturated)
-
-
-def test_optimizer_recenters_log_the_same_telemetry(caplog):
-    model, opt, data = make_optimizer(bits=4)
-    with caplog.at_level(logging.DEBUG, logger="halp_fx"):
-        optimizer_epochs(model, opt, data, 2)
-    records = [r.halp_telemetry for r in caplog.records if hasattr(r, "halp_telemetry")]
-    assert len(records) == 5  # T=6: at steps 0, 1, 2 and 3 (three early recenters at 4 bits), then 9
-    first, second = records[0], records[-1]
-    params = [p for p in model.parameters()]
-    assert list(second["tensors"]) == [f"param {i}" for i in range(len(params))]  # no model passed: no names
-    assert [t["numel"] for t in second["tensors"].values()] == [p.numel() for p in params]
-    assert all(t["saturated"] is None and t["next_mu"] == 4.0 for t in first["tensors"].values())
-    assert [t["next_mu"] for t in second["tensors"].values()] == [s["mu"] for s in opt.stats().values()]
-
-
-def test_optimizer_telemetry_names_the_parameters_of_the_model_it_was_given(caplog):
+def test_optimizer_telemetry_without_a_model_names_parameters_by_position(caplog):
     torch.manual_seed(0)
     data, model = classification_data("mlp"), mlp()
-    opt = HALP(model.parameters(), lr=0.1, T=len(data), data_loader=data, mu="auto", bits=4, compile=False,
-               model=model)
+    opt = HALP(model.parameters(), lr=0.1, T=len(data), data_loader=data, mu="auto", bits=4, compile=False)
     with caplog.at_level(logging.DEBUG, logger="halp_fx"):
-        optimizer_epochs(model, opt, data, 1)
+        optimizer_epoch(model, opt, data)
     records = [r.halp_telemetry for r in caplog.records if hasattr(r, "halp_telemetry")]
-    assert records and all(list(t["tensors"]) == [name for name, _ in model.named_parameters()] for t in records)
+    names = [f"param {i}" for i in range(len(list(model.parameters())))]
+    assert records and all(list(t["tensors"]) == names for t in records)
+    assert list(opt.stats()) == names
 
 
 def test_optimizer_auto_is_per_group():
@@ -386,59 +424,9 @@ def test_optimizer_auto_is_per_group():
     first, second = list(model.parameters())[:2], list(model.parameters())[2:]
     opt = HALP([{"params": first, "mu": "auto", "bits": 4}, {"params": second, "mu": 0.5}], lr=0.1, T=len(data),
                data_loader=data, compile=False)
-    optimizer_epochs(model, opt, data, 1)
+    optimizer_epoch(model, opt, data)
     stats = list(opt.stats().values())
     # The 4-bit group's two tensors moved together from 4 (the early recenters); the numeric group kept its mu.
     assert stats[0]["mu"] == stats[1]["mu"] != 4.0 and [s["mu"] for s in stats[2:]] == [0.5, 0.5]
     assert all(0.0 <= s["underflow"] <= 1.0 for s in stats)
     assert "mu" not in opt.state[second[0]]
-
-
-def test_optimizer_checkpoint_round_trip_with_auto_is_bit_exact():
-    model, opt, data = make_optimizer(bits=4)
-    optimizer_epochs(model, opt, data, 2)
-    # A deep copy, as a checkpoint on disk is: torch.optim's state_dict() holds references to the live state.
-    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-    optimizer_epochs(model, opt, data, 2)
-    expected = [p.detach().clone() for p in model.parameters()]
-    expected_mus = [s["mu"] for s in opt.stats().values()]
-
-    model2, opt2, _ = make_optimizer(bits=4)
-    model2.load_state_dict(saved_model)
-    opt2.load_state_dict(saved_opt)
-    optimizer_epochs(model2, opt2, data, 2)
-    assert all(torch.equal(a, b) for a, b in zip(expected, model2.parameters()))
-    assert [s["mu"] for s in opt2.stats().values()] == expected_mus
-
-
-def test_optimizer_resumed_in_the_first_epoch_keeps_its_early_recenters_bit_exact(caplog):
-    data = classification_data("mlp", samples=128)
-    model, opt, _ = make_optimizer(bits=4, data=data)
-    optimizer_epochs(model, opt, data[:3], 1)
-    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-    with caplog.at_level(logging.DEBUG, logger="halp_fx"):
-        optimizer_epochs(model, opt, data, 2)
-    expected = [p.detach().clone() for p in model.parameters()]
-    expected_mus = [s["mu"] for s in opt.stats().values()]
-    assert len([r for r in caplog.records if hasattr(r, "halp_telemetry")]) == 3  # after 4 and 6 steps (early), then 22
-
-    model2, opt2, _ = make_optimizer(bits=4, data=data)
-    model2.load_state_dict(saved_model)
-    opt2.load_state_dict(saved_opt)
-    optimizer_epochs(model2, opt2, data, 2)
-    assert all(torch.equal(a, b) for a, b in zip(expected, model2.parameters()))
-    assert [s["mu"] for s in opt2.stats().values()] == expected_mus
-
-
-def test_optimizer_auto_matches_transform_mu_for_mu():
-    step, data = make_step(bits=4)
-    run_epochs(step, data, 3)
-    model, opt, _ = make_optimizer(bits=4, data=data)
-    optimizer_epochs(model, opt, data, 3)
-    assert [s["mu"] for s in step.stats().values()] == [s["mu"] for s in opt.stats().values()]
-
-
-@pytest.mark.parametrize("mu", ["Auto", -1])
-def test_optimizer_refuses_other_mus_naming_the_allowed_values(mu):
-    with pytest.raises(ValueError, match="mu must be a finite number > 0 or 'auto'"):
-        make_optimizer(mu=mu)
