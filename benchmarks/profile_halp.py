@@ -79,13 +79,15 @@ def profile_transform(bits, batches, args, clock):
     print(f"bits={bits}: first call {first:.2f} s ({phases}, rest {first - sum(clock.spent.values()):.2f} s)")
 
     entry = step.programs.first
-    # The inputs as the runtime assembles them (step._sources), built once here so the graph is timed alone.
-    inputs = [entry.step.inputs(step._sources(b)) for b in batches]
     n = len(batches)
     for i in range(20):
         step(*batches[i % n])
+    # The program and inputs as the runtime assembles them, built once here so the graph is timed alone.
+    keys = bit_centering.rounding_keys(step.rounding_counter, len(step.anchor)) if bits is not None else None
+    programs_and_inputs = [step._program_for(b, keys) for b in batches]
+    programs_and_inputs = [(program.fn, program.inputs(sources)) for program, sources in programs_and_inputs]
     whole = median_time(lambda i: step(*batches[i % n]), args.calls)
-    graph = median_time(lambda i: entry.step.fn(*inputs[i % n]), args.calls)
+    graph = median_time(lambda i: programs_and_inputs[i % n][0](*programs_and_inputs[i % n][1]), args.calls)
     keys = 0.0
     if bits is not None:
         keys = median_time(lambda i: bit_centering.rounding_keys(step.rounding_counter + i, len(step.anchor)),

@@ -126,6 +126,7 @@ def cpu_flags():
 
 def machine_info(torch, args):
     import halp_fx
+    from halp_fx import centered_int8
     info = {
         "torch": torch.__version__, "python": platform.python_version(), "halp_fx": halp_fx.__version__,
         "cpu": cpu_model(), "cpu_flags": cpu_flags(), "cpu_capability": cpu_capability(torch),

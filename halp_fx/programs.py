@@ -22,10 +22,20 @@ from .roles import OUTPUT_ROLES, ROLE, Role
 log = logging.getLogger("halp_fx")
 
 # Inductor's C++ kernels load int8 through a slow partial-vector path on AVX2 (about 1.7 ns per element, more
-# than the rest of the update): on CPU the compiled step reads the offsets of tensors this large widened to
+# than the rest of the update): on a CPU without AVX-512 the compiled step reads the offsets of tensors this large widened to
 # float32 by one ATen conversion each (about 7 us per call, so small tensors stay int8), made just before the
 # call and freed after. The stored offsets stay integers; the arithmetic is the same to the bit.
 WIDEN_OFFSETS_FROM = 4096
+
+
+def _fast_int8_loads():
+    """Whether Inductor's C++ kernels load int8 at full vector speed here: with AVX-512 they do, and the widening
+    costs more than it saves (the small MLP's HALP step, AVX512-VNNI EPYC, torch 2.13: 1.18x SVRG's int8 against
+    1.26x widened)."""
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
+    return capability.startswith("AVX512")
+
+
 # Distinct batch shapes after which a step warns that each new one costs a capture (and a compile), and how
 # many shapes' programs are kept (least recently used dropped first).
 MANY_SHAPES = 4
@@ -85,7 +95,8 @@ class Programs:
         self.model, self.loss_fn, self.hyper = model, loss_fn, hyper
         # Centered int8 products read the offsets as int8 operands: those stay as they are.
         self.compile = compile
-        self.widen = compile and on_cpu and hyper["bits"] is not None and hyper.get("arithmetic", "fp32") == "fp32"
+        self.widen = (compile and on_cpu and hyper["bits"] is not None and hyper.get("arithmetic", "fp32") == "fp32"
+                      and not _fast_int8_loads())
         self.entries = OrderedDict()
         self.first = None  # the first layout's entry, for explain() and graphs
         self.shapes_seen = 0

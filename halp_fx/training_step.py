@@ -123,10 +123,7 @@ class TrainingStep(HalpLoop):
         return loss
 
     def _step(self, batch, keys):
-        entry = self._entry(batch)
-        sources = self._sources(batch, keys)
-        sources[Role.ANCHOR_CONSTANT] = self.programs.anchor_constants(entry, sources, self.state.anchor_version)
-        program = self.programs.step_program(entry, sources)
+        program, sources = self._program_for(batch, keys)
         results = program(sources)
 
         def commit():
@@ -137,6 +134,13 @@ class TrainingStep(HalpLoop):
                 self._release_module_parameters()
         return Outcome(results[program.position((Role.LOSS, None))],
                        results[program.position((Role.ALL_FINITE, None))], commit, undo=lambda: None)
+
+    def _program_for(self, batch, keys):
+        """The compiled step program for ``batch`` and the inputs it runs on, by role."""
+        entry = self._entry(batch)
+        sources = self._sources(batch, keys)
+        sources[Role.ANCHOR_CONSTANT] = self.programs.anchor_constants(entry, sources, self.state.anchor_version)
+        return self.programs.step_program(entry, sources), sources
 
     def recenter(self, batches=None):
         """Move the anchor to the current weights, take the full gradient there, reset offsets and scales.
@@ -156,6 +160,9 @@ class TrainingStep(HalpLoop):
 
     def _tensor_mus(self):
         return [self.mu] * len(self.state.names)
+
+    def _device(self):
+        return self.device
 
     def _tensor_state(self):
         state = self.state

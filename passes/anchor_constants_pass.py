@@ -28,22 +28,12 @@ from torch.fx.passes.infra.pass_base import PassResult
 from halp_fx import bf16_anchor, centered_int8
 from halp_fx.roles import OUTPUT_ROLES, ROLE, Role, role_of
 
-from .graph_edit import add_input, finish, find_nodes
+from .graph_edit import add_input, ancestors, finish, find_nodes
 from .pass_base import HalpPass
 
 # Inputs that change only at a recenter (frozen parameters never).
 PER_RECENTER = (Role.ANCHOR, Role.SCALE, Role.FULL_GRAD, Role.FROZEN)
 HOISTED = (centered_int8.quantize_columns, centered_int8.quantize_rows, bf16_anchor.to_bf16)
-
-
-def _ancestors(nodes):
-    seen, stack = set(), list(nodes)
-    while stack:
-        node = stack.pop()
-        if node not in seen:
-            seen.add(node)
-            stack.extend(node.all_input_nodes)
-    return seen
 
 
 class AnchorConstantsPass(HalpPass):
@@ -80,7 +70,7 @@ class AnchorConstantsPass(HalpPass):
     @staticmethod
     def _constants_graph(gm, hoisted):
         """``(anchors, ...) -> hoisted values``, a graph of the step's nodes that compute them."""
-        needed = _ancestors(hoisted)
+        needed = ancestors(hoisted)
         graph, env = torch.fx.Graph(), {}
         for node in gm.graph.nodes:
             if node not in needed:

@@ -35,6 +35,26 @@ def placeholders(graph, kind):
     return {role_of(n)[1]: n for n in find_nodes(graph, "placeholder") if role_of(n)[0] == kind}
 
 
+def _reachable(roots, neighbours):
+    seen, stack = set(), list(roots)
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(neighbours(node))
+    return seen
+
+
+def ancestors(nodes):
+    """``nodes`` and every node they are computed from."""
+    return _reachable(nodes, lambda node: node.all_input_nodes)
+
+
+def descendants(nodes):
+    """``nodes`` and every node computed from them."""
+    return _reachable(nodes, lambda node: node.users)
+
+
 def output_node(graph):
     return find_nodes(graph, "output")[0]
 

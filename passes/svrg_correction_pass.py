@@ -30,33 +30,13 @@ from halp_fx.capture import identifier
 from halp_fx.matrix_work import ANCHOR_PASS
 from halp_fx.roles import Role
 
-from .graph_edit import (add_input, finish, insert_call, nodes_with_role, output_node, outputs, placeholders,
-                         set_output)
+from .graph_edit import (add_input, ancestors, descendants, finish, insert_call, nodes_with_role, output_node,
+                         outputs, placeholders, set_output)
 from .pass_base import HalpPass
 
 log = logging.getLogger(__name__)
 
 TWIN = "halp_anchor_twin"
-
-
-def _ancestors(roots):
-    seen, stack = set(), list(roots)
-    while stack:
-        node = stack.pop()
-        if node not in seen:
-            seen.add(node)
-            stack.extend(node.all_input_nodes)
-    return seen
-
-
-def _descendants(roots):
-    seen, stack = set(), list(roots)
-    while stack:
-        node = stack.pop()
-        if node not in seen:
-            seen.add(node)
-            stack.extend(node.users)
-    return seen
 
 
 class SvrgCorrectionPass(HalpPass):
@@ -77,13 +57,13 @@ class SvrgCorrectionPass(HalpPass):
         grads = outputs(graph, Role.GRAD)
         out = output_node(graph)
 
-        at_weights = _descendants(weights.values()) - set(weights.values())
-        needed = _ancestors(value for _, value in grads.values())
+        at_weights = descendants(weights.values()) - set(weights.values())
+        needed = ancestors(value for _, value in grads.values())
         to_copy = [n for n in graph.nodes if n in at_weights and n in needed]
         copies = {weights[name]: anchors[name] for name in weights}
         # Ops such as native_batch_norm write buffers in place without saying so in
         # their schema, so the copy gets private clones of every buffer-derived input.
-        from_buffers = _descendants(placeholders(graph, Role.BUFFER).values())
+        from_buffers = descendants(placeholders(graph, Role.BUFFER).values())
         with graph.inserting_before(out):
             for node in to_copy:
                 for arg in node.all_input_nodes:
