@@ -244,3 +244,29 @@ def test_the_readme_int8_table_quotes_the_saved_benchmark_runs(model, digits):
     assert ratios[1:] == [f"{statistics.median(a / b for a, b in zip(group['methods'][m]['inner_step_s_rounds'], sgd)):.2f}"
                           for m in README_INT8_COLUMNS[1:]]
     assert "avx512_vnni" in saved["meta"]["cpu_flags"] and saved["meta"]["torch"].startswith("2.13")
+
+
+def test_the_small_mlp_table_in_docs_performance_quotes_the_saved_run():
+    saved = json.load(open(os.path.join(ROOT, "docs", "results", "benchmarks", "small_mlp.json")))
+    group = saved["results"][0]
+    page = open(os.path.join(ROOT, "docs", "performance.md")).read().split("## The paper's model size", 1)[1]
+    rows = {"compiled SGD": "compiled_sgd", "torchhalp-style eager": "torchhalp_eager", "compiled SVRG": "compiled_svrg",
+            "compiled HALP 8-bit": "compiled_halp8", "compiled HALP 4-bit": "compiled_halp4",
+            "`halp_fx.optim.HALP`": "optim_halp"}
+    for label, method in rows.items():
+        row = next(line for line in page.splitlines() if line.startswith(f"| {label}"))
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        timing = group["methods"][method]
+        assert cells[1:3] == [f"{timing['inner_step_s'] * 1e3:.3f}", f"{timing['epoch_s'] * 1e3:.1f}"], label
+    ratios = group["ratios"]
+    assert f"| {ratios['halp8_over_svrg_inner']:.2f} (epoch {ratios['halp8_over_svrg_epoch']:.2f}) |" in page
+    assert f"| {ratios['halp4_over_svrg_inner']:.2f} |" in page
+    assert f"is {ratios['torchhalp_over_halp8_inner']:.2f}× compiled HALP's" in page
+    assert "avx512_vnni" in saved["meta"]["cpu_flags"] and saved["meta"]["torch"].startswith("2.13")
+    readme = " ".join(open(os.path.join(ROOT, "README.md")).read().split("**Step time at the paper's model size**")[1]
+                      .split("**Regression**")[0].split())
+    methods = group["methods"]
+    assert (f"compiled SGD {methods['compiled_sgd']['inner_step_s'] * 1e3:.2f} ms, compiled SVRG "
+            f"{methods['compiled_svrg']['inner_step_s'] * 1e3:.2f} ms, compiled HALP 8-bit "
+            f"{methods['compiled_halp8']['inner_step_s'] * 1e3:.2f} ms ({ratios['halp8_over_svrg_inner']:.2f}× SVRG") in readme
+    assert f"simulation {methods['torchhalp_eager']['inner_step_s'] * 1e3:.2f} ms" in readme
