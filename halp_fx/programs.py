@@ -120,7 +120,8 @@ class Programs:
         h = self.hyper
         stages, summaries = passes.run_passes(
             captured, passes.halp_passes(h["bits"], h["rounding"], h["momentum"], h["weight_decay"], h["arithmetic"],
-                                         h.get("anchor_precision", "fp32"), h.get("group"), h.get("world_size", 1)))
+                                         h.get("anchor_precision", "fp32"), h.get("group"), h.get("world_size", 1),
+                                         force_low_precision=h.get("force_low_precision", False)))
         entry = ShapeEntry(captured, stages, summaries)
         self.entries[key] = entry
         self.shapes_seen += 1

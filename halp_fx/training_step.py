@@ -15,7 +15,7 @@ import weakref
 
 import torch
 
-from . import arguments, distributed, introspection
+from . import arguments, centered_int8, distributed, introspection
 from .capture import signature_of
 from .data import full_gradient_batches, has_batch_norm, warn_small_batch
 from .loop import HalpLoop, Outcome, user_stacklevel
@@ -59,8 +59,10 @@ class TrainingStep(HalpLoop):
         self.signature = signature_of(model, None)
         self.state = HalpState(model, self.signature, bits, momentum, seed, auto_mu=self.mu == arguments.AUTO_MU)
         self.process_group = process_group   # None: one process; else the group the step averages over
+        # Whether the low-precision products run even where they do not pay: read here, once per step, from
+        # its one spelling (HALP_FX_INT8_PRODUCTS=always), and passed to the pass list explicitly.
         hyper = dict(bits=bits, rounding=rounding, momentum=momentum, weight_decay=weight_decay, arithmetic=arithmetic,
-                     anchor_precision=anchor_precision)
+                     anchor_precision=anchor_precision, force_low_precision=centered_int8.forced())
         if process_group is not None:
             hyper.update(group=distributed.group_name(process_group),
                          world_size=torch.distributed.get_world_size(process_group))

@@ -14,7 +14,6 @@ from collections import OrderedDict
 
 from halp_fx.errors import PassError
 
-from halp_fx import centered_int8
 
 from .all_reduce_pass import AllReducePass
 from .anchor_constants_pass import AnchorConstantsPass
@@ -31,15 +30,16 @@ __all__ = ["DequantizeWeightsPass", "SvrgCorrectionPass", "CenteredInt8Pass", "A
 
 
 def halp_passes(bits, rounding, momentum, weight_decay, arithmetic="fp32", anchor_precision="fp32", group=None,
-                world_size=1):
+                world_size=1, force_low_precision=False):
     """The HALP rewrite, in the order it runs. ``arithmetic="int8"`` adds ``centered_int8`` and
     ``anchor_difference`` (and ``bf16_anchor`` with ``anchor_precision="bf16"``), then ``anchor_constants`` last; a
-    data-parallel step (``group``, a name from :func:`halp_fx.distributed.group_name`) adds ``all_reduce``."""
-    forced = centered_int8.forced()
+    data-parallel step (``group``, a name from :func:`halp_fx.distributed.group_name`) adds ``all_reduce``.
+    ``force_low_precision`` runs the int8 and bf16 products even where they do not pay (exactness checks; a
+    step sets it from :func:`halp_fx.centered_int8.forced`)."""
     low = []
     if arithmetic == "int8":
-        low = [CenteredInt8Pass(bits, always=forced), AnchorDifferencePass()]
-        low += [Bf16AnchorPass(always=forced)] if anchor_precision == "bf16" else []
+        low = [CenteredInt8Pass(bits, always=force_low_precision), AnchorDifferencePass()]
+        low += [Bf16AnchorPass(always=force_low_precision)] if anchor_precision == "bf16" else []
     all_reduce = [AllReducePass(group, world_size)] if group is not None else []
     hoist = [AnchorConstantsPass()] if arithmetic == "int8" else []
     return [DequantizeWeightsPass(bits), SvrgCorrectionPass(), *low, *all_reduce,
