@@ -64,6 +64,10 @@ class HalpLoop:
         """Per trainable tensor ``(offset, scale, the mu chosen at the last recenter or None, underflow sum)``."""
         raise NotImplementedError
 
+    def _device(self):
+        """The device of the trainable tensors (where the rounding keys go)."""
+        raise NotImplementedError
+
     def _stochastic(self):
         """Whether any trainable tensor rounds stochastically (then the step needs rounding keys)."""
         raise NotImplementedError
@@ -118,8 +122,7 @@ class HalpLoop:
         Nothing changes unless the full gradient succeeds."""
         names, bits = self._tensor_names(), self._tensor_bits()
         if self.recenters:
-            warn_if_saturated([z for z, *_ in self._tensor_state()], bits, self.saturation_warning,
-                              stacklevel=user_stacklevel())
+            self._warn_if_saturated()
         full_grads, norms = self._full_gradient(source)
         mus = self._next_mus(bits)
         if any(b is not None for b in bits) and log.isEnabledFor(logging.DEBUG):  # SVRG has no grid to report on
@@ -147,8 +150,10 @@ class HalpLoop:
             mus[i] = chosen.get(i, first_mu(bits[i]))
         return mus
 
-    def _device(self):
-        return self._tensor_state()[0][0].device
+    def _warn_if_saturated(self):
+        """Warn when more than ``saturation_warning`` of all offsets sit at their bounds, at the user's line."""
+        warn_if_saturated([z for z, *_ in self._tensor_state()], self._tensor_bits(), self.saturation_warning,
+                          stacklevel=user_stacklevel())
 
     # -- what the state says ----------------------------------------------------------------------------------
     def stats(self):

@@ -22,9 +22,9 @@ from .roles import OUTPUT_ROLES, ROLE, Role
 log = logging.getLogger("halp_fx")
 
 # Inductor's C++ kernels load int8 through a slow partial-vector path on AVX2 (about 1.7 ns per element, more
-# than the rest of the update): on a CPU without AVX-512 the compiled step reads the offsets of tensors this large widened to
-# float32 by one ATen conversion each (about 7 us per call, so small tensors stay int8), made just before the
-# call and freed after. The stored offsets stay integers; the arithmetic is the same to the bit.
+# than the rest of the update): on a CPU without AVX-512 the compiled step reads the offsets of tensors this large
+# widened to float32 by one ATen conversion each (about 7 us per call, so small tensors stay int8), made just
+# before the call and freed after. The stored offsets stay integers; the arithmetic is the same to the bit.
 WIDEN_OFFSETS_FROM = 4096
 
 

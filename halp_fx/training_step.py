@@ -20,7 +20,7 @@ from .capture import signature_of
 from .data import full_gradient_batches, has_batch_norm, warn_small_batch
 from .loop import HalpLoop, Outcome, user_stacklevel
 from .programs import Programs
-from .recenter import examples_in, full_gradient, warn_if_saturated
+from .recenter import examples_in, full_gradient
 from .roles import Role
 from .state import HalpState
 
@@ -291,11 +291,6 @@ class TrainingStep(HalpLoop):
         if keys is not None:
             sources[Role.ROUNDING_KEYS] = {None: keys}
         return sources
-
-    def _warn_if_saturated(self):
-        if self.bits is not None:
-            warn_if_saturated(list(self.offset.values()), self._tensor_bits(), self.saturation_warning,
-                              user_stacklevel())
 
 
 def _layout(batch):

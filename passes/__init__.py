@@ -14,7 +14,6 @@ from collections import OrderedDict
 
 from halp_fx.errors import PassError
 
-
 from .all_reduce_pass import AllReducePass
 from .anchor_constants_pass import AnchorConstantsPass
 from .anchor_difference_pass import AnchorDifferencePass
