@@ -523,6 +523,17 @@ def test_passes_is_the_top_level_folder_installed_as_halp_fx_passes():
     assert '"halp_fx.passes" = "passes"' in pyproject
 
 
+def test_a_checkout_whose_passes_resolve_to_another_installation_says_which_to_install(tmp_path):
+    # A second checkout beside the installed one: its halp_fx would run with the installed checkout's passes.
+    subprocess.run(["cp", "-r", os.path.join(ROOT, "halp_fx"), os.path.join(ROOT, "passes"),
+                    os.path.join(ROOT, "pyproject.toml"), str(tmp_path)], check=True)
+    out = subprocess.run([sys.executable, "-c", "import halp_fx"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0
+    assert f"halp_fx is imported from {tmp_path} but halp_fx.passes from {os.path.join(ROOT, 'passes')}" in out.stderr
+    assert f"pip install -e {tmp_path}" in out.stderr
+
+
 def test_a_checkout_imported_without_installing_says_to_install_it(tmp_path):
     subprocess.run(["cp", "-r", os.path.join(ROOT, "halp_fx"), str(tmp_path)], check=True)
     # No installed halp_fx to fall back on: drop the editable install's finder, as on a machine without it.
