@@ -24,6 +24,10 @@ import halp_fx
 import numpy_reference as ref
 
 RTOL, ATOL = 1e-4, 1e-6
+# A rounding closer than this to a tie (in grid steps) is decided by float32 noise, which depends on the CPU's
+# summation order: at 16 bits ``Z - lr * u / d`` is ~1e3..1e4 grid steps, where a float32 ulp is ~1e-4..1e-3 of
+# one. (logistic, lr 0.1, mu 0.2 came within 4e-5 and rounded the other way on an AMX Xeon, not on an EPYC.)
+NEAR_TIE = 2e-4
 
 
 # -- data and models -----------------------------------------------------------------------------
@@ -81,7 +85,8 @@ def assert_weights_match(step, expected):
 
 # -- parity with HALP ------------------------------------------------------------------------------
 
-# (model, samples, features, classes, lr, epochs, bits, mu, T); in these no offset reaches its bounds.
+# (model, samples, features, classes, lr, epochs, bits, mu, T); in these no offset reaches its bounds, and no
+# rounding comes within NEAR_TIE grid steps of a half-integer.
 HALP_CASES = [
     ("linear", 24, 3, None, 0.05, 3, 8, 0.5, None),      # T = data size
     ("linear", 24, 3, None, 0.05, 3, 8, 1.0, 7),         # T smaller than the data size, not a divisor
@@ -89,7 +94,7 @@ HALP_CASES = [
     ("linear", 20, 4, None, 0.05, 4, 16, 1.0, 5),
     ("logistic", 24, 3, 3, 0.2, 3, 8, 0.2, None),
     ("logistic", 24, 4, 3, 0.2, 3, 8, 0.3, 6),
-    ("logistic", 30, 5, 4, 0.1, 2, 16, 0.2, None),
+    ("logistic", 30, 5, 4, 0.12, 2, 16, 0.25, None),
     ("logistic", 20, 3, 4, 0.3, 3, 16, 0.3, 8),
 ]
 
@@ -99,6 +104,7 @@ def test_halp_final_weights_match_numpy_reference(model, samples, features, clas
     module, loss_fn, X, y = problem(model, samples, features, classes)
     expected = run_oracle(model, module, X, y, lr=lr, epochs=epochs, bits=bits, mu=mu, T=T)
     assert expected.clamped == 0, "saturating cases belong in SATURATING_CASES"
+    assert expected.closest_tie > NEAR_TIE, "a near-tie: float32 on another CPU may round it the other way"
     step, _ = run_halp_fx(module, loss_fn, X, y, bits=bits, lr=lr, epochs=epochs, mu=mu, T=T)
     assert step.recenters == expected.recenters
     assert_weights_match(step, expected.weights)
