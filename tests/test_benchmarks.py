@@ -270,3 +270,22 @@ def test_the_small_mlp_table_in_docs_performance_quotes_the_saved_run():
             f"{methods['compiled_svrg']['inner_step_s'] * 1e3:.2f} ms, compiled HALP 8-bit "
             f"{methods['compiled_halp8']['inner_step_s'] * 1e3:.2f} ms ({ratios['halp8_over_svrg_inner']:.2f}× SVRG") in readme
     assert f"simulation {methods['torchhalp_eager']['inner_step_s'] * 1e3:.2f} ms" in readme
+
+
+AMX_ROWS = {"mlp1024": ("mlp1024", "mlp1024", 2), "transformer": ("transformer", "transformer layer", 0),
+            "cnn": ("cnn", "CNN", 2), "lenet5": ("cnn", "LeNet-5", 2)}
+AMX_COLUMNS = ["compiled_sgd", "compiled_sgd_bf16_autocast", "compiled_svrg", "compiled_halp8", "compiled_halp8_int8",
+               "compiled_halp8_int8_bf16"]
+
+
+@pytest.mark.parametrize("model", AMX_ROWS)
+def test_the_amx_step_times_in_docs_low_precision_quote_the_saved_runs(model):
+    """docs/low_precision.md's AMX table is the saved AMX runs, to the digit, and those ran on a CPU with AMX."""
+    saved_as, label, digits = AMX_ROWS[model]
+    saved = json.load(open(os.path.join(ROOT, "docs", "results", "benchmarks", f"low_precision_{saved_as}_amx.json")))
+    group = next(g for g in saved["results"] if g["model"] == model)
+    page = open(os.path.join(ROOT, "docs", "low_precision.md")).read().split("### On a CPU with AMX", 1)[1]
+    row = next(line for line in page.splitlines() if line.startswith(f"| {label}, ms per inner step |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")][1:]
+    assert cells == [f"{group['methods'][m]['inner_step_s'] * 1e3:.{digits}f}" for m in AMX_COLUMNS]
+    assert {"amx_int8", "amx_bf16"} <= set(saved["meta"]["cpu_flags"]) and saved["meta"]["torch"].startswith("2.13")
