@@ -24,9 +24,9 @@ import halp_fx
 import numpy_reference as ref
 
 RTOL, ATOL = 1e-4, 1e-6
-# A rounding closer than this to a tie (in grid steps) is decided by float32 noise, which depends on the CPU's
-# summation order: at 16 bits ``Z - lr * u / d`` is ~1e3..1e4 grid steps, where a float32 ulp is ~1e-4..1e-3 of
-# one. (logistic, lr 0.1, mu 0.2 came within 4e-5 and rounded the other way on an AMX Xeon, not on an EPYC.)
+# A rounding this close to a tie (in grid steps) may go either way in float32, by the CPU's summation order. The
+# bound is empirical: a 16-bit case (logistic, lr 0.1, mu 0.2) came within 4e-5 and rounded the other way on an
+# AMX Xeon, not on an EPYC; the cases below clear it by 2x or more and agree on both.
 NEAR_TIE = 2e-4
 
 
