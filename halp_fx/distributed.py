@@ -14,11 +14,17 @@ The recenter sums each rank's example-weighted gradients and example count,
 and one all-reduce gives every rank the mean over the whole data set.
 
 A graph names its group by a string (a graph's code cannot hold a process
-group object): :func:`group_name` registers the group under that name.
+group object): :func:`group_name` registers the group under that name. The
+registry, and a step, hold the group weakly: after
+``torch.distributed.destroy_process_group()`` nothing of halp_fx keeps it
+alive, so its threads stop then and not during the interpreter's exit (where
+gloo aborts the process, "terminate called without an active exception").
 """
+import weakref
+
 import torch
 
-GROUPS = {}
+GROUPS = weakref.WeakValueDictionary()
 
 
 def resolve_process_group(process_group):
@@ -48,12 +54,22 @@ def group_name(group):
     return name
 
 
+def group_named(name):
+    """The live group registered under ``name``; an error saying what happened once it has been destroyed."""
+    group = GROUPS.get(name)
+    if group is None:
+        raise RuntimeError(f"the process group {name} this step averages over has been destroyed "
+                           "(torch.distributed.destroy_process_group()): a data-parallel step runs only while its "
+                           "group lives; build a new step after init_process_group")
+    return group
+
+
 def average_over_ranks(*tensors, group, world_size):
     """The mean of each tensor over the ranks of ``group`` (a name from :func:`group_name`): one all-reduce of
     one flat float32 bucket."""
     import torch.distributed._functional_collectives as collectives
     flat = torch.cat([t.reshape(-1).to(torch.float32) for t in tensors])
-    summed = collectives.all_reduce(flat, "sum", GROUPS[group])
+    summed = collectives.all_reduce(flat, "sum", group_named(group))
     if hasattr(collectives, "wait_tensor"):
         summed = collectives.wait_tensor(summed)
     return [part.to(t.dtype) for part, t in zip(_unflatten(summed / world_size, tensors), tensors)]

@@ -58,14 +58,14 @@ class TrainingStep(HalpLoop):
         self.saturation_warning = saturation_warning
         self.signature = signature_of(model, None)
         self.state = HalpState(model, self.signature, bits, momentum, seed, auto_mu=self.mu == arguments.AUTO_MU)
-        self.process_group = process_group   # None: one process; else the group the step averages over
+        # None: one process; else the name of the group the step averages over, which it holds weakly
+        self._group_name = None if process_group is None else distributed.group_name(process_group)
         # Whether the low-precision products run even where they do not pay: read here, once per step, from
         # its one spelling (HALP_FX_INT8_PRODUCTS=always), and passed to the pass list explicitly.
         hyper = dict(bits=bits, rounding=rounding, momentum=momentum, weight_decay=weight_decay, arithmetic=arithmetic,
                      anchor_precision=anchor_precision, force_low_precision=centered_int8.forced())
         if process_group is not None:
-            hyper.update(group=distributed.group_name(process_group),
-                         world_size=torch.distributed.get_world_size(process_group))
+            hyper.update(group=self._group_name, world_size=torch.distributed.get_world_size(process_group))
         self.programs = Programs(model, loss_fn, hyper, compile, self.state.device.type == "cpu")
         self._layout = None  # (ndim, dtype) per batch tensor, recorded once a step has succeeded
         self._first_examples = None
@@ -116,6 +116,7 @@ class TrainingStep(HalpLoop):
 
     # -- running -----------------------------------------------------------------------------
     def __call__(self, *batch):
+        self.process_group   # a data-parallel step refuses to run once its group is destroyed, naming why
         batch = self._batch(batch)
         loss = self._run_inner_step(lambda keys: self._step(batch, keys),
                                     None if self.data_loader is not None else [batch])
@@ -198,6 +199,11 @@ class TrainingStep(HalpLoop):
                 distributed.check_same_length(self.data_loader, self.process_group)
             reduce = distributed.sum_over_ranks(self.process_group)
         return full_gradient(source, gradient_of, reduce)
+
+    @property
+    def process_group(self):
+        """The group the step averages over (``None``: one process)."""
+        return None if self._group_name is None else distributed.group_named(self._group_name)
 
     def _take_recenter(self, anchors, offsets, scales, full_grads, mus):
         self.state.recenter(anchors, offsets, scales, full_grads, mus)
