@@ -5,7 +5,7 @@
 For compiled SGD, SVRG and HALP 8-bit with ``arithmetic="int8"`` (float32 and bf16 anchor), torch.profiler over
 ``--steps`` inner steps, the self CPU time per step of: int8 products (``_int_mm``), bf16 products, float32
 products, and everything else (Inductor's fused elementwise kernels: quantization, the offset update with its
-rounding, the loss).
+rounding, the loss). ``--by-shape`` adds each product's time per step by its operands' shapes.
 """
 import argparse
 import collections
@@ -36,7 +36,7 @@ def kind(event):
     return "bf16 products" if "BFloat16" in types else "float32 products"
 
 
-def profile_method(name, model, batch_size, steps):
+def profile_method(name, model, batch_size, steps, by_shape=False):
     # T = len(batches): no recenter falls among the steps warmed (1 .. steps) or profiled (steps+1 .. 2*steps).
     batches = models.batches(model, batch_size, 3 * steps, "cpu")
     method = METHODS[name](models.build(model, "cpu"), batches, compile=True)
@@ -55,7 +55,13 @@ def profile_method(name, model, batch_size, steps):
             times[found] += event.self_cpu_time_total
             calls[found] += 1
     times["everything else"] = total - sum(times.values())
-    return {k: (v / steps / 1e3, calls[k] // steps) for k, v in times.items()}
+    found = {k: (v / steps / 1e3, calls[k] // steps) for k, v in times.items()}
+    if by_shape:
+        shapes = [(e.key, e.input_shapes[1:3] if e.key == "aten::addmm" else e.input_shapes[:2],
+                   e.self_cpu_time_total / steps / 1e3, e.count // steps)
+                  for e in prof.key_averages(group_by_input_shape=True) if e.key in PRODUCTS]
+        return found, sorted(shapes, key=lambda row: -row[2])
+    return found, []
 
 
 def main(argv=None):
@@ -64,6 +70,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--by-shape", action="store_true", help="each product's time by its operands' shapes")
     p.add_argument("--methods", nargs="+", default=["compiled_sgd", "compiled_svrg", "compiled_halp8_int8",
                                                      "compiled_halp8_int8_bf16"])
     args = p.parse_args(argv)
@@ -71,12 +78,17 @@ def main(argv=None):
     quiet_halp_warnings()
     warnings.filterwarnings("ignore", category=UserWarning)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(ROOT, "benchmarks", ".inductor_cache"))
-    print(f"{args.model}, batch {args.batch_size}, {args.threads} thread(s), torch {torch.__version__}; "
+    from halp_fx.centered_int8 import cpu_flags
+    flags = " ".join(sorted(cpu_flags() & {"avx2", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16"}))
+    print(f"{args.model}, batch {args.batch_size}, {args.threads} thread(s), torch {torch.__version__}, "
+          f"CPU flags {flags}; "
           f"ms per inner step (calls per step)")
     for name in args.methods:
-        found = profile_method(name, args.model, args.batch_size, args.steps)
+        found, shapes = profile_method(name, args.model, args.batch_size, args.steps, args.by_shape)
         print(f"  {name}: " + ", ".join(f"{k} {ms:.2f} ms" + (f" ({n})" if n else "")
                                         for k, (ms, n) in sorted(found.items())))
+        for key, operands, ms, n in shapes:
+            print(f"    {key} {' x '.join(str(tuple(o)) for o in operands)}: {ms:.2f} ms ({n})")
 
 
 if __name__ == "__main__":

@@ -60,15 +60,69 @@ def int8_mm(a, b):
     return a.to(torch.int32) @ b.to(torch.int32)
 
 
-def int8_term(qa, sa, qb, sb, *, wide_second=False):
+def int8_term(qa, sa, qb, sb, *, wide_second=False, via_bf16=False):
     """``(qa * sa) @ (qb * sb)`` through one int8 product: ``sa`` a scale per row or a scalar, ``sb`` per column or
     a scalar. ``wide_second``: ``qb`` may use all 8 bits where the CPU's int8 kernel is exact only within 7
-    (:func:`second_operand_levels`); the product is then summed by the exact int32 reference."""
-    if wide_second:
+    (:func:`second_operand_levels`); the product is then summed by the exact int32 reference. ``via_bf16``: the
+    integers are multiplied by a bf16 kernel with float32 sums (:func:`bf16_kernel_pays`), the same result."""
+    if via_bf16:
+        product = torch.ops.halp_fx.integer_mm_via_bf16(qa, qb)
+    elif wide_second:
         product = qa.to(torch.int32) @ qb.to(torch.int32)
     else:
         product = int8_mm(qa, qb)
     return product.to(torch.float32) * sa * sb
+
+
+# -- int8 values through a bf16 kernel ----------------------------------------------------------------------------
+# Where the summed dimension is the batch (a weight's gradient, N_out x batch x N_in), oneDNN's int8 kernel is
+# only 1.3-1.5x faster than float32 on an AMX Xeon, a bf16 one 3.4-4.2x (benchmarks/product_shapes.py). An int8
+# value is exact in bf16, each product of two is exact in float32, and so is every partial sum while
+# K * 128 * 128 <= 2**24: such a product of integers through a bf16 kernel with float32 sums is exact, bit for
+# bit the int32 result. torch's CPU bf16 mm rounds its result to bf16; a float32 mm whose oneDNN precision is
+# set to bf16 (torch.backends.mkldnn.matmul.fp32_precision, torch >= 2.9) multiplies in bf16 and sums in float32.
+BF16_KERNEL_MAX_K = 2 ** 24 // (128 * 128)
+
+
+def _mkldnn_matmul_precision():
+    """``torch.backends.mkldnn.matmul``, whose ``fp32_precision`` picks oneDNN's internal precision, or ``None``."""
+    matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    return matmul if matmul is not None and hasattr(matmul, "fp32_precision") else None
+
+
+def _define_integer_mm_via_bf16():
+    if _mkldnn_matmul_precision() is None or not hasattr(torch.library, "custom_op"):
+        return False
+
+    @torch.library.custom_op("halp_fx::integer_mm_via_bf16", mutates_args=())
+    def integer_mm_via_bf16(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``a @ b`` of integer-valued matrices as float32, through oneDNN's bf16 kernel (exact, see above)."""
+        matmul = _mkldnn_matmul_precision()
+        before = matmul.fp32_precision
+        matmul.fp32_precision = "bf16"
+        try:
+            return a.to(torch.float32) @ b.to(torch.float32)
+        finally:
+            matmul.fp32_precision = before
+
+    @integer_mm_via_bf16.register_fake
+    def _(a, b):
+        return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.float32)
+    return True
+
+
+INTEGER_MM_VIA_BF16 = _define_integer_mm_via_bf16()
+
+
+def bf16_kernel_pays(m, k, n, device, forced=False):
+    """Whether the int8 product ``m x k x n`` runs faster, and as exactly, through a bf16 kernel: on a CPU with
+    AMX-BF16 (measured there; not on AVX512-BF16 alone), for large outputs summed over a short dimension
+    (``4k <= min(m, n)``, ``m n >= 2**18``), ``k`` within the exact bound. ``forced``: on any CPU, for checks."""
+    if device.type != "cpu" or not INTEGER_MM_VIA_BF16 or k > BF16_KERNEL_MAX_K:
+        return False
+    if 4 * k > min(m, n) or m * n < 2 ** 18:
+        return False
+    return forced or "amx_bf16" in cpu_flags()
 
 
 def offset_value(offset, scale):

@@ -26,7 +26,10 @@ it multiplies per column (``quantize_columns``). Forward and backward products a
 ``addmm``); a product whose operands are the same in both passes keeps none.
 A product falls back to float32, and ``explain()`` says why, where int8 does
 not pay on the device (or the shape does not fit the int8 kernel).
-Convolutions and batched products stay float32.
+Convolutions and batched products stay float32. An int8 term shaped like a weight's
+gradient (a short summed dimension, a large output) passes ``via_bf16=True`` on a CPU
+with AMX-BF16: its integers go through a bf16 kernel with float32 sums, faster there
+and bit for bit the same result (:func:`halp_fx.centered_int8.bf16_kernel_pays`).
 """
 import operator
 
@@ -82,10 +85,11 @@ class CenteredInt8Pass(HalpPass):
         self.bits, self.always = bits, always
         self.rewritten, self.fell_back = [], []  # node names; (node name, why)
         self.exact = 0   # weight differences that entered as d * Z
+        self.via_bf16 = []   # int8 terms multiplied by a bf16 kernel (exactly)
 
     def call(self, gm):
         graph = gm.graph
-        device = device_of(graph)
+        device = self.device = device_of(graph)
         by_name = {n.name: n for n in graph.nodes}
         pays, why = centered_int8.products_pay(device)
         self.levels = centered_int8.second_operand_levels(device)
@@ -110,16 +114,17 @@ class CenteredInt8Pass(HalpPass):
         """``twin + f(W) - f(A)``, the difference as int8 terms inserted before ``node``."""
         *bias, a, b = node.args
         *bias_anchor, a_anchor, b_anchor = twin.args
+        (m, k), n = a.meta["val"].shape, b.meta["val"].shape[1]
+        via_bf16 = centered_int8.bf16_kernel_pays(m, k, n, self.device, self.always)
         terms = []
         if a is not a_anchor:   # f(a - a_A, b_A)
             qa, sa, _ = self._difference(graph, a, a_anchor, node, rows=True)
             qb, sb = self._quantized(graph, b_anchor, node, rows=False)
-            terms.append(insert_call(graph, centered_int8.int8_term, [qa, sa, qb, sb], {}, node, "int8_term"))
+            terms.append(self._term(graph, [qa, sa, qb, sb], False, via_bf16, node))
         if b is not b_anchor:   # f(a, b - b_A)
             qa, sa = self._quantized(graph, a, node, rows=True)
             qb, sb, wide = self._difference(graph, b, b_anchor, node, rows=False)
-            kwargs = {"wide_second": True} if wide else {}
-            terms.append(insert_call(graph, centered_int8.int8_term, [qa, sa, qb, sb], kwargs, node, "int8_term"))
+            terms.append(self._term(graph, [qa, sa, qb, sb], wide, via_bf16, node))
         if bias and bias[0] is not bias_anchor[0]:
             terms.append(self._bias_difference(graph, bias[0], bias_anchor[0], node))
         difference = terms[0]
@@ -130,6 +135,13 @@ class CenteredInt8Pass(HalpPass):
         out = insert_call(graph, aten.add.Tensor, [twin, difference], {}, node, f"{node.name}_int8")
         out.meta[CENTERED] = (twin.name, difference.name)
         return out
+
+    def _term(self, graph, args, wide, via_bf16, before):
+        kwargs = {"via_bf16": True} if via_bf16 else {"wide_second": True} if wide else {}
+        term = insert_call(graph, centered_int8.int8_term, args, kwargs, before, "int8_term")
+        if via_bf16:
+            self.via_bf16.append(term.name)
+        return term
 
     def _difference(self, graph, at_weights, at_anchor, before, rows):
         """``(q, scale, wide)`` of ``at_weights - at_anchor``: a weight's ``views(Z)`` and ``d`` as they are
@@ -181,6 +193,9 @@ class CenteredInt8Pass(HalpPass):
         line = (f"{len(self.rewritten)} matrix products at W became the anchor's product plus int8 corrections of "
                 f"the differences ({self.exact} weight differences as d * Z); {len(self.fell_back)} stayed float32")
         details = [f"\n       int8: {', '.join(self.rewritten)}"] if self.rewritten else []
+        if self.via_bf16:
+            details.append(f"\n       through a bf16 kernel with float32 sums (exact; faster than int8 for "
+                           f"a weight's gradient with AMX-BF16): {', '.join(self.via_bf16)}")
         if self.always and self.rewritten:
             details.append("\n       forced where int8 may not pay (HALP_FX_INT8_PRODUCTS=always)")
         reasons = {}

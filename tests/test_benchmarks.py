@@ -289,3 +289,22 @@ def test_the_amx_step_times_in_docs_low_precision_quote_the_saved_runs(model):
     cells = [cell.strip() for cell in row.strip("|").split("|")][1:]
     assert cells == [f"{group['methods'][m]['inner_step_s'] * 1e3:.{digits}f}" for m in AMX_COLUMNS]
     assert {"amx_int8", "amx_bf16"} <= set(saved["meta"]["cpu_flags"]) and saved["meta"]["torch"].startswith("2.13")
+
+
+def test_the_product_shapes_script_times_each_shape_in_each_precision(capsys):
+    from benchmarks import product_shapes
+    product_shapes.main(["--shapes", "32x16x8", "40x8x24", "--calls", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 32×16×8 |")
+            or line.startswith("| 40×8×24 |")]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == 7 and all(float(c) > 0 for c in cells[1:4]) and cells[6] in ("yes", "no")
+
+
+def test_the_amx_product_table_in_docs_low_precision_quotes_the_saved_run():
+    saved = open(os.path.join(ROOT, "docs", "results", "benchmarks", "product_shapes_amx.md")).read()
+    assert "amx_bf16 amx_int8" in saved.splitlines()[0]
+    page = open(os.path.join(ROOT, "docs", "low_precision.md")).read().split("### On a CPU with AMX", 1)[1]
+    rows = [line for line in page.splitlines() if line.startswith("| 128×") or line.startswith("| 1024×")]
+    assert len(rows) == 4 and all(row in saved.splitlines() for row in rows)

@@ -218,3 +218,55 @@ def test_on_a_cpu_where_nothing_pays_the_int8_step_is_the_float32_step(monkeypat
     for x, y in data:
         assert torch.equal(int8(x, y), fp32(x, y))
     assert "0 matrix products at W became" in int8.explain() and "no AVX512-VNNI/AMX" in int8.explain()
+
+
+def wide_step(route, monkeypatch, compile=False):
+    """An MLP whose middle weight's gradient (512 x batch 32 x 512) is shaped for the bf16 kernel; ``route``:
+    whether that kernel is used."""
+    if not route:
+        monkeypatch.setattr(centered_int8, "bf16_kernel_pays", lambda *args, **kwargs: False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 3))
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g)) for _ in range(3)]
+    step = halp_fx.transform(model, 8, loss_fn=F.cross_entropy, data_loader=data, lr=0.1, mu=0.5, compile=compile,
+                             arithmetic="int8")
+    return step, data
+
+
+@pytest.mark.skipif(not centered_int8.INTEGER_MM_VIA_BF16, reason="needs torch.backends.mkldnn.matmul.fp32_precision")
+def test_a_weight_gradient_through_the_bf16_kernel_is_the_int8_result_bit_for_bit(int8_everywhere, monkeypatch):
+    via, data = wide_step(True, monkeypatch)
+    losses = [via(*batch) for batch in data * 2]
+    with monkeypatch.context() as patch:
+        int8, _ = wide_step(False, patch)
+        assert all(torch.equal(loss, int8(*batch)) for loss, batch in zip(losses, data * 2))
+        assert "bf16 kernel" not in int8.explain()
+    assert all(torch.equal(via.offset[n], int8.offset[n]) for n in int8.offset)
+    assert re.search(r"through a bf16 kernel with float32 sums \(exact.*\): int8_term", via.explain())
+    assert torch.backends.mkldnn.matmul.fp32_precision == "none"   # the user's setting is restored
+
+
+@pytest.mark.skipif(not centered_int8.INTEGER_MM_VIA_BF16, reason="needs torch.backends.mkldnn.matmul.fp32_precision")
+def test_the_bf16_kernel_gives_the_int32_sum_up_to_its_bound_and_is_not_used_beyond_it():
+    g = torch.Generator().manual_seed(0)
+    k = centered_int8.BF16_KERNEL_MAX_K
+    a = torch.full((64, k), -128, dtype=torch.int8)
+    b = torch.full((k, 64), -128, dtype=torch.int8)   # the largest sum there is: k * 2**14 = 2**24
+    b[:, 1:] = torch.randint(-128, 128, (k, 63), generator=g, dtype=torch.int8)
+    assert torch.equal(torch.ops.halp_fx.integer_mm_via_bf16(a, b).to(torch.int32), a.int() @ b.int())
+    cpu = torch.device("cpu")
+    assert centered_int8.bf16_kernel_pays(4 * k, k, 4 * k, cpu, forced=True)
+    assert not centered_int8.bf16_kernel_pays(8 * k, k + 1, 8 * k, cpu, forced=True)
+    assert not centered_int8.bf16_kernel_pays(128, 1024, 1024, cpu, forced=True)   # a forward product's shape
+    assert centered_int8.bf16_kernel_pays(1024, 128, 1024, cpu) == ("amx_bf16" in centered_int8.cpu_flags())
+
+
+@pytest.mark.skipif(not centered_int8.INTEGER_MM_VIA_BF16, reason="needs torch.backends.mkldnn.matmul.fp32_precision")
+def test_the_bf16_kernel_compiles_and_matches_the_eager_step(int8_everywhere, monkeypatch):
+    eager, data = wide_step(True, monkeypatch)
+    compiled, _ = wide_step(True, monkeypatch, compile=True)
+    for batch in data * 2:
+        torch.testing.assert_close(compiled(*batch), eager(*batch), rtol=1e-5, atol=1e-6)
+    flips = sum(int((compiled.offset[n] != eager.offset[n]).sum()) for n in eager.offset)
+    assert flips <= 0.001 * sum(z.numel() for z in eager.offset.values())
