@@ -16,7 +16,7 @@ A product takes bf16 operands (an anchor weight cast once per recenter, see
 """
 import torch
 
-from .centered_int8 import cpu_flags
+from .centered_int8 import usable_cpu_flags
 
 
 def to_bf16(x):
@@ -42,6 +42,6 @@ def products_pay(device):
     """
     if device.type == "cuda":
         return True, ""
-    if device.type == "cpu" and cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+    if device.type == "cpu" and usable_cpu_flags() & {"avx512_bf16", "amx_bf16"}:
         return True, ""
     return False, "this CPU has no AVX512-BF16/AMX-BF16, where bf16 products are emulated (slower than float32)"

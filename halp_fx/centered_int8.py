@@ -122,7 +122,7 @@ def bf16_kernel_pays(m, k, n, device, forced=False):
         return False
     if 4 * k > min(m, n) or m * n < 2 ** 18:
         return False
-    return forced or "amx_bf16" in cpu_flags()
+    return forced or "amx_bf16" in usable_cpu_flags()
 
 
 def offset_value(offset, scale):
@@ -156,9 +156,28 @@ def cpu_flags():
         return frozenset()
 
 
+# The low-precision features each oneDNN ISA cap (ONEDNN_MAX_CPU_ISA, or its older name DNNL_MAX_CPU_ISA) leaves
+# oneDNN free to use; a cap not listed (DEFAULT, ALL, a newer one) leaves every feature.
+_VNNI, _BF16, _AMX = {"avx_vnni", "avx512_vnni"}, {"avx512_bf16"}, {"amx_int8", "amx_bf16"}
+_ISA_CAPS = {"sse41": set(), "avx": set(), "avx2": set(), "avx2_vnni": {"avx_vnni"}, "avx2_vnni_2": {"avx_vnni"},
+             "avx512_core": set(), "avx512_core_vnni": _VNNI, "avx512_core_bf16": _VNNI | _BF16,
+             "avx512_core_fp16": _VNNI | _BF16, "avx10_1_512": _VNNI | _BF16}
+LOW_PRECISION_FLAGS = _VNNI | _BF16 | _AMX
+
+
+def usable_cpu_flags():
+    """The CPU's flags less the low-precision features oneDNN has been told not to use (``ONEDNN_MAX_CPU_ISA=AVX2``
+    makes a VNNI or AMX CPU compute as an AVX2 one, inexact int8 products included)."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().lower()
+    flags = cpu_flags()
+    if cap in _ISA_CAPS:
+        flags = flags - (LOW_PRECISION_FLAGS - _ISA_CAPS[cap])
+    return flags
+
+
 def cpu_int8_flags():
-    """The x86 features that make oneDNN's int8 products fast and exact at 8 bits."""
-    return cpu_flags() & {"avx512_vnni", "amx_int8", "avx_vnni"}
+    """The x86 features that make oneDNN's int8 products fast and exact at 8 bits (those oneDNN may use)."""
+    return usable_cpu_flags() & {"avx512_vnni", "amx_int8", "avx_vnni"}
 
 
 def products_pay(device):

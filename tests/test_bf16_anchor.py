@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import halp_fx
-from halp_fx import bf16_anchor
+from halp_fx import bf16_anchor, centered_int8
 from halp_fx.roles import Role, role_of
 from models import classification_data, mlp
 
@@ -107,7 +107,7 @@ def test_the_bf16_anchor_error_is_of_order_bf16_rounding_times_the_difference(lo
 
 
 def test_where_bf16_does_not_pay_the_anchor_stays_float32_and_explain_says_why(monkeypatch):
-    monkeypatch.setattr(bf16_anchor, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
+    monkeypatch.setattr(centered_int8, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
     step, data = make_step()
     step(*data[0])
     assert "no anchor product in bf16: this CPU has no AVX512-BF16/AMX-BF16" in step.explain()

@@ -59,8 +59,9 @@ def test_a_centered_product_is_within_the_bound_of_its_quantization_steps(levels
     qa, sa = centered_int8.quantize_rows(a - a_anchor)
     qb, sb = centered_int8.quantize_columns(b_anchor, levels=levels)
     qw, sw = centered_int8.quantize_rows(a)
-    centered = (a_anchor @ b_anchor + centered_int8.int8_term(qa, sa, qb, sb)
-                + centered_int8.int8_term(qw, sw, offset, scale, wide_second=levels < 127))
+    exact_within = centered_int8.second_operand_levels(torch.device("cpu"))   # this CPU's int8 kernel: 127 or 63
+    centered = (a_anchor @ b_anchor + centered_int8.int8_term(qa, sa, qb, sb, wide_second=levels > exact_within)
+                + centered_int8.int8_term(qw, sw, offset, scale, wide_second=exact_within < 127))
     exact = a @ b
     # |x y - x^ y^| <= |x| |y - y^| + |x - x^| |y^|, each error at most half a step; d * Z enters exactly.
     limit = ((a - a_anchor).abs() @ (sb / 2).expand_as(b_anchor) + (sa / 2).expand_as(a) @ (qb.float() * sb).abs()
@@ -182,8 +183,10 @@ class TestGoldenCenteredInt8(expecttest.TestCase):
             step = halp_fx.transform(nn.Linear(2, 1), 8, loss_fn=F.mse_loss, rounding="nearest", compile=False,
                                      arithmetic="int8")
             step(torch.randn(4, 2), torch.randn(4, 1))
-        # The second operand's range depends on the CPU (7 bits without VNNI/AMX): the golden names it L.
+        # The second operand's range depends on the CPU (7 bits without VNNI/AMX): the golden names it L; there,
+        # offsets in all 8 bits are summed exactly (wide_second), which the golden leaves out.
         code = re.sub(r"levels = \d+", "levels = L", readable(step.graphs["centered_int8"].code))
+        code = code.replace(", wide_second = True", "")
         lines = [line.strip() for line in code.splitlines()
                  if "centered" in line or "mm.default" in line or "_int8 =" in line or "_difference =" in line]
         self.assertExpectedInline("\n".join(lines), """\
@@ -209,7 +212,6 @@ def test_on_a_cpu_where_nothing_pays_the_int8_step_is_the_float32_step(monkeypat
     from halp_fx import bf16_anchor
     monkeypatch.delenv("HALP_FX_INT8_PRODUCTS", raising=False)
     monkeypatch.setattr(centered_int8, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
-    monkeypatch.setattr(bf16_anchor, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
     fp32, data = make_step("fp32", T=3)
     int8, _ = make_step("int8", T=3, anchor_precision="bf16")
     fp32(*data[0])
@@ -259,7 +261,7 @@ def test_the_bf16_kernel_gives_the_int32_sum_up_to_its_bound_and_is_not_used_bey
     assert centered_int8.bf16_kernel_pays(4 * k, k, 4 * k, cpu, forced=True)
     assert not centered_int8.bf16_kernel_pays(8 * k, k + 1, 8 * k, cpu, forced=True)
     assert not centered_int8.bf16_kernel_pays(128, 1024, 1024, cpu, forced=True)   # a forward product's shape
-    assert centered_int8.bf16_kernel_pays(1024, 128, 1024, cpu) == ("amx_bf16" in centered_int8.cpu_flags())
+    assert centered_int8.bf16_kernel_pays(1024, 128, 1024, cpu) == ("amx_bf16" in centered_int8.usable_cpu_flags())
 
 
 @pytest.mark.skipif(not centered_int8.INTEGER_MM_VIA_BF16, reason="needs torch.backends.mkldnn.matmul.fp32_precision")
@@ -270,3 +272,20 @@ def test_the_bf16_kernel_compiles_and_matches_the_eager_step(int8_everywhere, mo
         torch.testing.assert_close(compiled(*batch), eager(*batch), rtol=1e-5, atol=1e-6)
     flips = sum(int((compiled.offset[n] != eager.offset[n]).sum()) for n in eager.offset)
     assert flips <= 0.001 * sum(z.numel() for z in eager.offset.values())
+
+
+@pytest.mark.parametrize("cap, int8, bf16, levels", [("AVX2", False, False, 63), ("avx512_core_vnni", True, False, 127),
+                                                     ("AVX512_CORE_BF16", True, True, 127),
+                                                     ("AVX512_CORE_AMX", True, True, 127), ("", True, True, 127)])
+def test_a_cap_on_onednns_isa_is_honoured_like_the_cpu_it_emulates(monkeypatch, cap, int8, bf16, levels):
+    """ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN's int8 products inexact beyond 7 bits on any CPU: the choices follow it."""
+    from halp_fx import bf16_anchor
+    monkeypatch.setattr(centered_int8, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni", "avx_vnni", "amx_int8",
+                                                                      "avx512_bf16", "amx_bf16"}))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    cpu = torch.device("cpu")
+    assert centered_int8.products_pay(cpu)[0] == (int8 and centered_int8._cpu_int_mm_available())
+    assert centered_int8.second_operand_levels(cpu) == levels
+    assert bf16_anchor.products_pay(cpu)[0] == bf16
+    assert centered_int8.bf16_kernel_pays(1024, 128, 1024, cpu) == (centered_int8.INTEGER_MM_VIA_BF16 and
+                                                                    cap in ("AVX512_CORE_AMX", ""))
