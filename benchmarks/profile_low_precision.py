@@ -24,16 +24,30 @@ from benchmarks import models  # noqa: E402
 from benchmarks.methods import METHODS, quiet_halp_warnings  # noqa: E402
 
 PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_int_mm")
+# int8 values through a bf16 kernel (halp_fx.centered_int8.integer_mm_via_bf16): counted whole, with the float32
+# mm and the conversions inside it.
+VIA_BF16 = "halp_fx::integer_mm_via_bf16"
 
 
 def kind(event):
-    """What an aten product event is, by its input dtypes; ``None`` for other events."""
-    if event.key not in PRODUCTS:
+    """What a product event is: by its input dtypes for aten's; ``None`` for other events."""
+    if event.name == VIA_BF16:
+        return "int8 values via bf16 kernel"
+    if event.name not in PRODUCTS:
         return None
-    if event.key == "aten::_int_mm":
+    if event.name == "aten::_int_mm":
         return "int8 products"
     types = " ".join(str(t) for t in (getattr(event, "input_dtypes", None) or []))
     return "bf16 products" if "BFloat16" in types else "float32 products"
+
+
+def _inside_via_bf16(event):
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name == VIA_BF16:
+            return True
+        parent = parent.cpu_parent
+    return False
 
 
 def profile_method(name, model, batch_size, steps, by_shape=False):
@@ -47,20 +61,25 @@ def profile_method(name, model, batch_size, steps, by_shape=False):
         for i in range(steps + 1, 2 * steps + 1):
             assert not method.step(i), "a recenter in the profiled steps"
     times, calls = collections.Counter(), collections.Counter()
+    shape_times, shape_calls = collections.Counter(), collections.Counter()
     total = 0.0
     for event in prof.events():
         total += event.self_cpu_time_total
         found = kind(event)
-        if found:
-            times[found] += event.self_cpu_time_total
-            calls[found] += 1
+        if not found or (found != "int8 values via bf16 kernel" and _inside_via_bf16(event)):
+            continue
+        spent = event.cpu_time_total if found == "int8 values via bf16 kernel" else event.self_cpu_time_total
+        times[found] += spent
+        calls[found] += 1
+        shapes = event.input_shapes[1:3] if event.name == "aten::addmm" else event.input_shapes[:2]
+        key = (found, " x ".join(str(tuple(shape)) for shape in shapes))
+        shape_times[key] += spent
+        shape_calls[key] += 1
     times["everything else"] = total - sum(times.values())
     found = {k: (v / steps / 1e3, calls[k] // steps) for k, v in times.items()}
     if by_shape:
-        shapes = [(e.key, e.input_shapes[1:3] if e.key == "aten::addmm" else e.input_shapes[:2],
-                   e.self_cpu_time_total / steps / 1e3, e.count // steps)
-                  for e in prof.key_averages(group_by_input_shape=True) if e.key in PRODUCTS]
-        return found, sorted(shapes, key=lambda row: -row[2])
+        rows = [(key[0], key[1], t / steps / 1e3, shape_calls[key] // steps) for key, t in shape_times.items()]
+        return found, sorted(rows, key=lambda row: -row[2])
     return found, []
 
 
@@ -87,8 +106,8 @@ def main(argv=None):
         found, shapes = profile_method(name, args.model, args.batch_size, args.steps, args.by_shape)
         print(f"  {name}: " + ", ".join(f"{k} {ms:.2f} ms" + (f" ({n})" if n else "")
                                         for k, (ms, n) in sorted(found.items())))
-        for key, operands, ms, n in shapes:
-            print(f"    {key} {' x '.join(str(tuple(o)) for o in operands)}: {ms:.2f} ms ({n})")
+        for product, operands, ms, n in shapes:
+            print(f"    {product} {operands}: {ms:.2f} ms ({n})")
 
 
 if __name__ == "__main__":

@@ -299,12 +299,16 @@ def test_the_product_shapes_script_times_each_shape_in_each_precision(capsys):
     assert len(rows) == 2
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert len(cells) == 7 and all(float(c) > 0 for c in cells[1:4]) and cells[6] in ("yes", "no")
+        assert len(cells) == 9 and all(float(c) > 0 for c in cells[1:4]) and cells[8] in ("yes", "no")
 
 
-def test_the_amx_product_table_in_docs_low_precision_quotes_the_saved_run():
+def test_the_amx_product_and_kernel_tables_in_docs_low_precision_quote_the_saved_runs():
     saved = open(os.path.join(ROOT, "docs", "results", "benchmarks", "product_shapes_amx.md")).read()
     assert "amx_bf16 amx_int8" in saved.splitlines()[0]
     page = open(os.path.join(ROOT, "docs", "low_precision.md")).read().split("### On a CPU with AMX", 1)[1]
     rows = [line for line in page.splitlines() if line.startswith("| 128×") or line.startswith("| 1024×")]
     assert len(rows) == 4 and all(row in saved.splitlines() for row in rows)
+    ab = open(os.path.join(ROOT, "docs", "results", "benchmarks", "weight_gradient_kernel_amx.md")).read()
+    assert "amx_bf16 amx_int8" in ab.splitlines()[0]
+    rows = [line for line in page.splitlines() if line.startswith("| compiled_")]
+    assert len(rows) == 6 and all(row in ab.splitlines() for row in rows)

@@ -1,0 +1,97 @@
+"""The int8 HALP step with its weight-gradient corrections through the bf16 kernel, and without.
+
+    python benchmarks/weight_gradient_kernel.py --model mlp1024 --threads 1
+
+``halp_fx.centered_int8.bf16_kernel_pays`` sends an int8 correction shaped like a weight's gradient through a
+bf16 kernel with float32 sums (the same integers, bit for bit) on CPUs with AMX-BF16. This builds each compiled
+method twice, with that choice as it is and with it turned off, and times them interleaved (``--rounds`` rounds
+of ``--steps`` inner steps each, every variant once per round), so that a slow period of the machine falls on
+both alike: the median and the fastest round, ms per inner step, with ``--baselines`` (compiled float32 SGD and
+SVRG) timed in the same rounds, and the medians' ratios to them.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from benchmarks import models  # noqa: E402
+from benchmarks.methods import METHODS, quiet_halp_warnings  # noqa: E402
+from halp_fx import centered_int8  # noqa: E402
+
+
+def build(name, model, batch_size, count, route):
+    """A started method whose int8 pass may (``route``) or may not use the bf16 kernel."""
+    chosen = centered_int8.bf16_kernel_pays
+    if not route:
+        centered_int8.bf16_kernel_pays = lambda *args, **kwargs: False
+    try:
+        method = METHODS[name](models.build(model, "cpu"), models.batches(model, batch_size, count, "cpu"),
+                               compile=True)
+        method.start()
+        if not hasattr(method, "halp_step") or "centered_int8" not in method.halp_step.programs.first.summaries:
+            return method, None
+        summary = method.halp_step.programs.first.summaries["centered_int8"]
+        line = next((line for line in summary.splitlines() if "bf16 kernel" in line), "")
+        kernels = len(line.rsplit(": ", 1)[1].split(", ")) if line else 0
+    finally:
+        centered_int8.bf16_kernel_pays = chosen
+    return method, kernels
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="mlp1024", choices=sorted(models.MODELS))
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--methods", nargs="+", default=["compiled_halp8_int8", "compiled_halp8_int8_bf16"])
+    p.add_argument("--baselines", nargs="*", default=["compiled_sgd", "compiled_svrg"])
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    quiet_halp_warnings()
+    warnings.filterwarnings("ignore", category=UserWarning)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(ROOT, "benchmarks", ".inductor_cache"))
+    count = args.steps * args.rounds + 4   # T = count: no recenter among the timed steps
+    variants = {}
+    for name in args.baselines + args.methods:
+        for route in (True,) if name in args.baselines else (True, False):
+            method, kernels = build(name, args.model, args.batch_size, count, route)
+            for i in range(1, 4):
+                method.step(i)
+            variants[(name, route)] = method, kernels
+    times = {key: [] for key in variants}
+    for r in range(args.rounds):
+        first = 4 + r * args.steps
+        for key, (method, _) in variants.items():
+            start = time.perf_counter()
+            for i in range(first, first + args.steps):
+                method.step(i)
+            times[key].append((time.perf_counter() - start) / args.steps * 1e3)
+    flags = " ".join(sorted(centered_int8.cpu_flags() & {"avx2", "avx512_vnni", "avx512_bf16", "amx_int8",
+                                                          "amx_bf16"}))
+    print(f"{args.model}, batch {args.batch_size}, {args.threads} thread(s), torch {torch.__version__}, CPU flags "
+          f"{flags}; ms per inner step over {args.rounds} interleaved rounds of {args.steps} steps\n")
+    medians = {key: statistics.median(t) for key, t in times.items()}
+    ratios = [name for name in args.baselines]
+    print("| method | weight-gradient corrections | terms via bf16 | median ms | fastest round ms | "
+          + " | ".join(f"/ {name}" for name in ratios) + " |")
+    print("| --- | --- | ---: | ---: | ---: |" + " ---: |" * len(ratios))
+    for (name, route), (_, kernels) in variants.items():
+        label = "-" if kernels is None else "as chosen (bf16 kernel where it pays)" if route else "int8 kernel"
+        print(f"| {name} | {label} | {'-' if kernels is None else kernels} | {medians[(name, route)]:.2f} | "
+              f"{min(times[(name, route)]):.2f} | "
+              + " | ".join(f"{medians[(name, route)] / medians[(b, True)]:.2f}" for b in ratios) + " |")
+    return times
+
+
+if __name__ == "__main__":
+    main()
