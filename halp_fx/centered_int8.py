@@ -96,7 +96,11 @@ def _define_integer_mm_via_bf16():
 
     @torch.library.custom_op("halp_fx::integer_mm_via_bf16", mutates_args=())
     def integer_mm_via_bf16(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``a @ b`` of integer-valued matrices as float32, through oneDNN's bf16 kernel (exact, see above)."""
+        """``a @ b`` of integer-valued matrices as float32, through oneDNN's bf16 kernel (exact, see above).
+
+        The precision switch is process-wide while the product runs: a float32 product that another Python
+        thread runs at that moment runs in bf16 too. ``HALP_FX_BF16_KERNEL=off`` keeps such a process on the
+        int8 kernel (a per-thread check cannot tell: Inductor and tqdm keep idle threads alive)."""
         matmul = _mkldnn_matmul_precision()
         before = matmul.fp32_precision
         matmul.fp32_precision = "bf16"
@@ -117,8 +121,11 @@ INTEGER_MM_VIA_BF16 = _define_integer_mm_via_bf16()
 def bf16_kernel_pays(m, k, n, device, forced=False):
     """Whether the int8 product ``m x k x n`` runs faster, and as exactly, through a bf16 kernel: on a CPU with
     AMX-BF16 (measured there; not on AVX512-BF16 alone), for large outputs summed over a short dimension
-    (``4k <= min(m, n)``, ``m n >= 2**18``), ``k`` within the exact bound. ``forced``: on any CPU, for checks."""
+    (``4k <= min(m, n)``, ``m n >= 2**18``), ``k`` within the exact bound. ``forced``: on any CPU, for checks.
+    ``HALP_FX_BF16_KERNEL=off``: never (see ``integer_mm_via_bf16``)."""
     if device.type != "cpu" or not INTEGER_MM_VIA_BF16 or k > BF16_KERNEL_MAX_K:
+        return False
+    if os.environ.get("HALP_FX_BF16_KERNEL", "").lower() == "off":
         return False
     if 4 * k > min(m, n) or m * n < 2 ** 18:
         return False

@@ -195,7 +195,8 @@ class CenteredInt8Pass(HalpPass):
         details = [f"\n       int8: {', '.join(self.rewritten)}"] if self.rewritten else []
         if self.via_bf16:
             details.append(f"\n       through a bf16 kernel with float32 sums (exact; faster than int8 for "
-                           f"a weight's gradient with AMX-BF16): {', '.join(self.via_bf16)}")
+                           f"a weight's gradient with AMX-BF16; HALP_FX_BF16_KERNEL=off keeps int8): "
+                           f"{', '.join(self.via_bf16)}")
         if self.always and self.rewritten:
             details.append("\n       forced where int8 may not pay (HALP_FX_INT8_PRODUCTS=always)")
         reasons = {}

@@ -264,6 +264,12 @@ def test_the_bf16_kernel_gives_the_int32_sum_up_to_its_bound_and_is_not_used_bey
     assert centered_int8.bf16_kernel_pays(1024, 128, 1024, cpu) == ("amx_bf16" in centered_int8.usable_cpu_flags())
 
 
+def test_the_bf16_kernel_can_be_turned_off_for_a_process_with_threads_of_its_own(monkeypatch):
+    """Its precision switch is process-wide (a float32 product on another thread meanwhile would run in bf16)."""
+    monkeypatch.setenv("HALP_FX_BF16_KERNEL", "off")
+    assert not centered_int8.bf16_kernel_pays(1024, 128, 1024, torch.device("cpu"), forced=True)
+
+
 @pytest.mark.skipif(not centered_int8.INTEGER_MM_VIA_BF16, reason="needs torch.backends.mkldnn.matmul.fp32_precision")
 def test_the_bf16_kernel_compiles_and_matches_the_eager_step(int8_everywhere, monkeypatch):
     eager, data = wide_step(True, monkeypatch)
