@@ -7,6 +7,7 @@ and returns True when that call also recentered. ``full_gradient_pass()`` (where
 there is one) runs just the recenter. ``state_tensors()`` lists what persists
 between steps, for the bytes-per-parameter figure.
 """
+import os
 import warnings
 
 import torch
@@ -315,3 +316,13 @@ def memory_figures(method, n_params):
 def quiet_halp_warnings():
     """Random labels and a fixed lr saturate some offsets; the warning says nothing about speed."""
     warnings.filterwarnings("ignore", category=halp_fx.SaturationWarning)
+
+
+def prepare_step_timing(threads):
+    """For a script that times compiled steps in this process: ``threads`` intra-op threads, no warnings that say
+    nothing about speed, and Inductor's cache in ``benchmarks/.inductor_cache`` unless one is set."""
+    torch.set_num_threads(threads)
+    quiet_halp_warnings()
+    warnings.filterwarnings("ignore", category=UserWarning)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                  ".inductor_cache"))

@@ -12,12 +12,19 @@ and grad-input products (``128 x K x N``) and its weight-gradient products, whos
 (``N_out x 128 x N_in``).
 """
 import argparse
+import os
 import statistics
+import sys
 import time
 
-import torch
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
-from halp_fx.centered_int8 import INTEGER_MM_VIA_BF16, cpu_flags
+import torch  # noqa: E402
+
+from benchmarks.run import cpu_flags  # noqa: E402
+from halp_fx.centered_int8 import INTEGER_MM_VIA_BF16  # noqa: E402
 
 MLP1024_SHAPES = ["128x784x1024", "128x1024x1024", "128x1024x10", "1024x128x784", "1024x128x1024", "10x128x1024"]
 
@@ -56,8 +63,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    flags = " ".join(sorted(cpu_flags() & {"avx2", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16"}))
-    print(f"torch {torch.__version__}, CPU flags {flags or 'none of avx2/avx512_vnni/avx512_bf16/amx'}, "
+    print(f"torch {torch.__version__}, CPU flags {' '.join(cpu_flags()) or 'none read'}, "
           f"{args.threads} thread(s), median ms per call of {args.calls}, interleaved\n")
     print("| M x K x N | float32 | bf16 | int8 (`_int_mm`) | int8 via bf16 kernel | bf16 speed-up | int8 speed-up "
           "| via bf16 speed-up | int8 exact |")

@@ -11,7 +11,6 @@ import argparse
 import collections
 import os
 import sys
-import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -21,7 +20,8 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from benchmarks import models  # noqa: E402
-from benchmarks.methods import METHODS, quiet_halp_warnings  # noqa: E402
+from benchmarks.methods import METHODS, prepare_step_timing  # noqa: E402
+from benchmarks.run import cpu_flags  # noqa: E402
 
 PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_int_mm")
 # int8 values through a bf16 kernel (halp_fx.centered_int8.integer_mm_via_bf16): counted whole, with the float32
@@ -93,14 +93,9 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", default=["compiled_sgd", "compiled_svrg", "compiled_halp8_int8",
                                                      "compiled_halp8_int8_bf16"])
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    quiet_halp_warnings()
-    warnings.filterwarnings("ignore", category=UserWarning)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(ROOT, "benchmarks", ".inductor_cache"))
-    from halp_fx.centered_int8 import cpu_flags
-    flags = " ".join(sorted(cpu_flags() & {"avx2", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16"}))
+    prepare_step_timing(args.threads)
     print(f"{args.model}, batch {args.batch_size}, {args.threads} thread(s), torch {torch.__version__}, "
-          f"CPU flags {flags}; "
+          f"CPU flags {' '.join(cpu_flags())}; "
           f"ms per inner step (calls per step)")
     for name in args.methods:
         found, shapes = profile_method(name, args.model, args.batch_size, args.steps, args.by_shape)

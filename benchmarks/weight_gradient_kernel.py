@@ -14,7 +14,6 @@ import os
 import statistics
 import sys
 import time
-import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -23,8 +22,9 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks import models  # noqa: E402
-from benchmarks.methods import METHODS, quiet_halp_warnings  # noqa: E402
-from halp_fx import centered_int8  # noqa: E402
+from benchmarks.methods import METHODS, prepare_step_timing  # noqa: E402
+from benchmarks.run import cpu_flags  # noqa: E402
+from halp_fx import centered_int8, introspection  # noqa: E402
 
 
 def build(name, model, batch_size, count, route):
@@ -36,14 +36,13 @@ def build(name, model, batch_size, count, route):
         method = METHODS[name](models.build(model, "cpu"), models.batches(model, batch_size, count, "cpu"),
                                compile=True)
         method.start()
-        if not hasattr(method, "halp_step") or "centered_int8" not in method.halp_step.programs.first.summaries:
-            return method, None
-        summary = method.halp_step.programs.first.summaries["centered_int8"]
-        line = next((line for line in summary.splitlines() if "bf16 kernel" in line), "")
-        kernels = len(line.rsplit(": ", 1)[1].split(", ")) if line else 0
     finally:
         centered_int8.bf16_kernel_pays = chosen
-    return method, kernels
+    if getattr(method, "arithmetic", "fp32") != "int8":
+        return method, None
+    final = list(introspection.graphs(method.halp_step.programs).values())[-1]
+    return method, sum(1 for node in final.graph.nodes
+                       if node.target is centered_int8.int8_term and node.kwargs.get("via_bf16"))
 
 
 def main(argv=None):
@@ -56,10 +55,7 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", default=["compiled_halp8_int8", "compiled_halp8_int8_bf16"])
     p.add_argument("--baselines", nargs="*", default=["compiled_sgd", "compiled_svrg"])
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    quiet_halp_warnings()
-    warnings.filterwarnings("ignore", category=UserWarning)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(ROOT, "benchmarks", ".inductor_cache"))
+    prepare_step_timing(args.threads)
     count = args.steps * args.rounds + 4   # T = count: no recenter among the timed steps
     variants = {}
     for name in args.baselines + args.methods:
@@ -76,12 +72,10 @@ def main(argv=None):
             for i in range(first, first + args.steps):
                 method.step(i)
             times[key].append((time.perf_counter() - start) / args.steps * 1e3)
-    flags = " ".join(sorted(centered_int8.cpu_flags() & {"avx2", "avx512_vnni", "avx512_bf16", "amx_int8",
-                                                          "amx_bf16"}))
     print(f"{args.model}, batch {args.batch_size}, {args.threads} thread(s), torch {torch.__version__}, CPU flags "
-          f"{flags}; ms per inner step over {args.rounds} interleaved rounds of {args.steps} steps\n")
+          f"{' '.join(cpu_flags())}; ms per inner step over {args.rounds} interleaved rounds of {args.steps} steps\n")
     medians = {key: statistics.median(t) for key, t in times.items()}
-    ratios = [name for name in args.baselines]
+    ratios = args.baselines
     print("| method | weight-gradient corrections | terms via bf16 | median ms | fastest round ms | "
           + " | ".join(f"/ {name}" for name in ratios) + " |")
     print("| --- | --- | ---: | ---: | ---: |" + " ---: |" * len(ratios))

@@ -76,7 +76,7 @@ def int8_term(qa, sa, qb, sb, *, wide_second=False, via_bf16=False):
 
 # -- int8 values through a bf16 kernel ----------------------------------------------------------------------------
 # Where the summed dimension is the batch (a weight's gradient, N_out x batch x N_in), oneDNN's int8 kernel is
-# only 1.3-1.5x faster than float32 on an AMX Xeon, a bf16 one 3.4-4.2x (benchmarks/product_shapes.py). An int8
+# only about 2x faster than float32 on an AMX Xeon, a bf16 one 4-5x (benchmarks/product_shapes.py). An int8
 # value is exact in bf16, each product of two is exact in float32, and so is every partial sum while
 # K * 128 * 128 <= 2**24: such a product of integers through a bf16 kernel with float32 sums is exact, bit for
 # bit the int32 result. torch's CPU bf16 mm rounds its result to bf16; a float32 mm whose oneDNN precision is
