@@ -260,7 +260,7 @@ def underflow_fraction(offset, moved, bits):
     if bits is None:
         return torch.zeros((), dtype=torch.float32, device=moved.device)
     small = (moved - offset.to(moved.dtype)).abs() < 0.5
-    return small.to(torch.float32).sum() / max(moved.numel(), 1)
+    return _sum_of_all(small.to(torch.float32)) / max(moved.numel(), 1)
 
 
 def inner_step(anchor, offset, scale, grad, anchor_grad, full_grad, momentum_buffer, lr, *, weight_decay, momentum,
@@ -287,7 +287,19 @@ def all_finite(*tensors):
     the tensors, instead of a chain of comparisons. The check errs on the safe
     side: a sum beyond float32's range (about 3.4e38) also counts as non-finite.
     """
-    total = tensors[0].sum()
+    total = _sum_of_all(tensors[0])
     for tensor in tensors[1:]:
-        total = total + tensor.sum()
+        total = total + _sum_of_all(tensor)
     return torch.isfinite(total)
+
+
+def _sum_of_all(tensor):
+    """The sum of all elements, summed over the trailing dimensions first.
+
+    Summed that way, Inductor computes the sums in the loops over rows and columns that compute the tensor, and
+    the tensor need not be stored (a whole tensor's sum at once is a flat loop of its own, which reads a stored
+    copy back: 0.2 ms of a 2 ms offset update of a 1024x1024 weight).
+    """
+    if tensor.dim() < 2:
+        return tensor.sum()
+    return tensor.sum(dim=tuple(range(1, tensor.dim()))).sum()

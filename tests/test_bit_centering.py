@@ -360,3 +360,23 @@ def test_stochastic_rounding_keeps_grid_points_even_for_noise_just_below_one():
     grid = torch.arange(-2 ** 12, 2 ** 12, dtype=torch.float32)
     for seed in range(64):
         assert torch.equal(bc.round_to_grid(grid, 16, "stochastic", key(seed)), grid)
+
+
+@pytest.mark.parametrize("shape", [(7,), (5, 6), (3, 4, 2, 2)])
+def test_underflow_fraction_counts_the_steps_below_half_a_grid_step_whatever_the_shape(shape):
+    offset = torch.zeros(shape, dtype=torch.int8)
+    moved = torch.linspace(-1, 1, math.prod(shape)).view(shape)
+    below = int((moved.abs() < 0.5).sum())
+    assert 0 < below < moved.numel()
+    assert bc.underflow_fraction(offset, moved, 8).item() == torch.tensor(below / moved.numel()).item()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("shape", [(), (7,), (5, 6), (3, 4, 2, 2)])
+def test_all_finite_finds_one_nonfinite_element_in_a_tensor_of_any_shape(shape, bad):
+    clean = torch.ones(shape)
+    dirty = clean.clone()
+    dirty.view(-1)[-1] = bad
+    assert bool(bc.all_finite(torch.tensor(1.0), clean))
+    assert not bool(bc.all_finite(torch.tensor(1.0), dirty))
+    assert not bool(bc.all_finite(dirty, clean))
