@@ -33,9 +33,14 @@ FULL_RANGE, REDUCED_RANGE = 127, 63
 def quantize(x, dim, levels):
     """``(q, scale)``: ``x ~ q * scale`` with ``q`` int8 in ``[-levels, levels]`` and one scale per slice along ``dim``
     (``dim=1``: a scale per row; ``dim=0``: per column), the slice's largest magnitude over ``levels``.
-    An all-zero slice gets scale 1 and zeros, never a division by zero."""
-    largest = x.abs().amax(dim=dim, keepdim=True)
-    scale = torch.where(largest > 0, largest / levels, torch.ones_like(largest))
+    An all-zero slice gets scale 1 and zeros, never a division by zero.
+
+    The scale is the largest of ``|x| / levels``: the largest ``|x|`` over ``levels`` to the bit (a correctly
+    rounded division by a positive number keeps the order), divided inside the reduction. Divided after it, the
+    division is a cheap function of the reduction's result, which Inductor recomputes in every kernel that reads
+    the scale: per element, in the offset update that scales the int8 products (a fifth of it, one thread)."""
+    per_level = (x.abs() / levels).amax(dim=dim, keepdim=True)
+    scale = torch.where(per_level > 0, per_level, torch.ones_like(per_level))
     return torch.round(x / scale).clamp(-levels, levels).to(torch.int8), scale
 
 

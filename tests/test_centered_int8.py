@@ -49,6 +49,22 @@ def test_int8_training_follows_float32_halp(int8_everywhere):
         assert (int8.weights()[name] - weight).norm() < 2.5e-2 * weight.norm(), name
 
 
+
+@pytest.mark.parametrize("levels", [centered_int8.FULL_RANGE, centered_int8.REDUCED_RANGE])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_a_quantization_scale_is_the_largest_magnitude_over_the_levels_to_the_bit(dim, levels):
+    g = torch.Generator().manual_seed(1)
+    # Magnitudes over 60 binary orders, a zero slice and a NaN: the scale is computed inside the reduction.
+    x = torch.randn(64, 48, generator=g) * torch.exp2(torch.randint(-30, 30, (64, 48), generator=g).float())
+    x.select(1 - dim, 3).zero_()   # the slice the scale at index 3 is of
+    x[5, 7] = float("nan")
+    q, scale = centered_int8.quantize(x, dim, levels)
+    largest = x.abs().amax(dim=dim, keepdim=True)
+    expected = torch.where(largest > 0, largest / levels, torch.ones_like(largest))
+    assert torch.equal(scale, expected)
+    assert scale.flatten()[3] == 1 and (q.select(1 - dim, 3) == 0).all()
+
+
 @pytest.mark.parametrize("levels", [centered_int8.FULL_RANGE, centered_int8.REDUCED_RANGE])
 def test_a_centered_product_is_within_the_bound_of_its_quantization_steps(levels):
     g = torch.Generator().manual_seed(0)
