@@ -71,7 +71,9 @@ def int8_term(qa, sa, qb, sb, *, wide_second=False, via_bf16=False):
     (:func:`second_operand_levels`); the product is then summed by the exact int32 reference. ``via_bf16``: the
     integers are multiplied by a bf16 kernel with float32 sums (:func:`bf16_kernel_pays`), the same result."""
     if via_bf16:
-        product = torch.ops.halp_fx.integer_mm_via_bf16(qa, qb)
+        # Widened here, in the graph, Inductor writes the float32 operands in the kernels that quantize them,
+        # instead of the product converting its int8 operands in passes of their own.
+        product = torch.ops.halp_fx.integer_mm_via_bf16(qa.to(torch.float32), qb.to(torch.float32))
     elif wide_second:
         product = qa.to(torch.int32) @ qb.to(torch.int32)
     else:
