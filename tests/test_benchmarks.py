@@ -312,3 +312,44 @@ def test_the_amx_product_and_kernel_tables_in_docs_low_precision_quote_the_saved
     assert {"amx_int8", "amx_bf16"} <= set(ab.splitlines()[0].replace(",", " ").replace(";", " ").split())
     rows = [line for line in page.splitlines() if line.startswith("| compiled_")]
     assert len(rows) == 6 and all(row in ab.splitlines() for row in rows)
+
+
+def _interleaved_rows(path):
+    """method -> its row of a saved ``weight_gradient_kernel.py`` table: median, fastest, ratios."""
+    rows = {}
+    for line in open(path).read().splitlines():
+        if line.startswith("| compiled_"):
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            rows[cells[0]] = cells[3:]
+    return rows
+
+
+@pytest.mark.parametrize("saved_as, label", [("weight_gradient_kernel_epyc.md", "mlp1024"),
+                                             ("weight_gradient_kernel_epyc_transformer.md", "transformer layer")])
+def test_the_epyc_interleaved_step_times_in_docs_low_precision_quote_the_saved_runs(saved_as, label):
+    """The EPYC's interleaved table is the saved runs to the digit, which ran with VNNI and BF16 and no AMX."""
+    path = os.path.join(ROOT, "docs", "results", "benchmarks", saved_as)
+    flags = set(open(path).read().splitlines()[0].replace(",", " ").replace(";", " ").split())
+    assert {"avx512_vnni", "avx512_bf16"} <= flags and not flags & {"amx_int8", "amx_bf16"}
+    saved = _interleaved_rows(path)
+    columns = ["compiled_sgd", "compiled_sgd_bf16_autocast", "compiled_svrg", "compiled_halp8_int8",
+               "compiled_halp8_int8_bf16"]
+    page = open(os.path.join(ROOT, "docs", "low_precision.md")).read().split("## Step time", 1)[1]
+    lines = page.split("### On a CPU with AMX", 1)[0].splitlines()
+    start = lines.index(next(line for line in lines if line.startswith(f"| {label}, median round |")))
+    cells = [[cell.strip().strip("*") for cell in line.strip("|").split("|")][1:] for line in lines[start:start + 4]]
+    assert cells[0] == [saved[m][0] for m in columns]          # median round
+    assert cells[1] == [saved[m][1] for m in columns]          # fastest round
+    assert cells[2] == [saved[m][2] for m in columns]          # / float32 SGD
+    assert cells[3][2:] == [saved[m][4] for m in columns[2:]]  # / SVRG
+
+
+@pytest.mark.parametrize("model, label", [("cnn", "CNN"), ("lenet5", "LeNet-5")])
+def test_the_epyc_convolutional_step_times_in_docs_low_precision_quote_the_saved_run(model, label):
+    saved = json.load(open(os.path.join(ROOT, "docs", "results", "benchmarks", "low_precision_cnn.json")))
+    group = next(g for g in saved["results"] if g["model"] == model)
+    page = open(os.path.join(ROOT, "docs", "low_precision.md")).read().split("### On a CPU with AMX", 1)[0]
+    row = next(line for line in page.splitlines() if line.startswith(f"| {label}, ms per inner step |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")][1:]
+    assert cells == [f"{group['methods'][m]['inner_step_s'] * 1e3:.2f}" for m in AMX_COLUMNS]
+    assert "avx512_vnni" in saved["meta"]["cpu_flags"] and "amx_int8" not in saved["meta"]["cpu_flags"]
