@@ -50,7 +50,7 @@ def _inside_via_bf16(event):
     return False
 
 
-def profile_method(name, model, batch_size, steps, by_shape=False):
+def profile_method(name, model, batch_size, steps, by_shape=False, rest_by_kernel=0):
     # T = len(batches): no recenter falls among the steps warmed (1 .. steps) or profiled (steps+1 .. 2*steps).
     batches = models.batches(model, batch_size, 3 * steps, "cpu")
     method = METHODS[name](models.build(model, "cpu"), batches, compile=True)
@@ -62,10 +62,14 @@ def profile_method(name, model, batch_size, steps, by_shape=False):
             assert not method.step(i), "a recenter in the profiled steps"
     times, calls = collections.Counter(), collections.Counter()
     shape_times, shape_calls = collections.Counter(), collections.Counter()
+    rest_times, rest_calls = collections.Counter(), collections.Counter()
     total = 0.0
     for event in prof.events():
         total += event.self_cpu_time_total
         found = kind(event)
+        if not found and not _inside_via_bf16(event):
+            rest_times[event.name] += event.self_cpu_time_total
+            rest_calls[event.name] += 1
         if not found or (found != "int8 values via bf16 kernel" and _inside_via_bf16(event)):
             continue
         spent = event.cpu_time_total if found == "int8 values via bf16 kernel" else event.self_cpu_time_total
@@ -77,10 +81,13 @@ def profile_method(name, model, batch_size, steps, by_shape=False):
         shape_calls[key] += 1
     times["everything else"] = total - sum(times.values())
     found = {k: (v / steps / 1e3, calls[k] // steps) for k, v in times.items()}
+    rows = []
     if by_shape:
-        rows = [(key[0], key[1], t / steps / 1e3, shape_calls[key] // steps) for key, t in shape_times.items()]
-        return found, sorted(rows, key=lambda row: -row[2])
-    return found, []
+        rows = sorted(((key[0], key[1], t / steps / 1e3, shape_calls[key] // steps) for key, t in shape_times.items()),
+                      key=lambda row: -row[2])
+    rows += [("everything else:", name, t / steps / 1e3, rest_calls[name] // steps)
+             for name, t in rest_times.most_common(rest_by_kernel)]
+    return found, rows
 
 
 def main(argv=None):
@@ -90,15 +97,20 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--by-shape", action="store_true", help="each product's time by its operands' shapes")
+    p.add_argument("--rest-by-kernel", type=int, default=0, metavar="N",
+                   help="the N costliest events that are not products, Inductor's fused kernels named one by one")
     p.add_argument("--methods", nargs="+", default=["compiled_sgd", "compiled_svrg", "compiled_halp8_int8",
                                                      "compiled_halp8_int8_bf16"])
     args = p.parse_args(argv)
     prepare_step_timing(args.threads)
+    if args.rest_by_kernel:
+        torch._inductor.config.cpp.enable_kernel_profile = True   # each fused C++ kernel an event of its own
     print(f"{args.model}, batch {args.batch_size}, {args.threads} thread(s), torch {torch.__version__}, "
           f"CPU flags {' '.join(cpu_flags())}; "
           f"ms per inner step (calls per step)")
     for name in args.methods:
-        found, shapes = profile_method(name, args.model, args.batch_size, args.steps, args.by_shape)
+        found, shapes = profile_method(name, args.model, args.batch_size, args.steps, args.by_shape,
+                                       args.rest_by_kernel)
         print(f"  {name}: " + ", ".join(f"{k} {ms:.2f} ms" + (f" ({n})" if n else "")
                                         for k, (ms, n) in sorted(found.items())))
         for product, operands, ms, n in shapes:

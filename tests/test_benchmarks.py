@@ -353,3 +353,17 @@ def test_the_epyc_convolutional_step_times_in_docs_low_precision_quote_the_saved
     cells = [cell.strip() for cell in row.strip("|").split("|")][1:]
     assert cells == [f"{group['methods'][m]['inner_step_s'] * 1e3:.2f}" for m in AMX_COLUMNS]
     assert "avx512_vnni" in saved["meta"]["cpu_flags"] and "amx_int8" not in saved["meta"]["cpu_flags"]
+
+
+def test_the_low_precision_profile_names_the_costliest_kernels_that_are_not_products(capsys, monkeypatch):
+    from benchmarks import profile_low_precision
+    import torch._inductor.config
+    # the script turns Inductor's kernel profile on for the process; undone after this test
+    monkeypatch.setattr(torch._inductor.config.cpp, "enable_kernel_profile", False)
+    profile_low_precision.main(["--model", "logreg", "--steps", "2", "--rest-by-kernel", "3",
+                                "--methods", "compiled_sgd"])
+    out = capsys.readouterr().out.splitlines()
+    summary = next(line for line in out if line.startswith("  compiled_sgd:"))
+    assert "everything else" in summary and "float32 products" in summary
+    named = [line for line in out if line.startswith("    everything else: ")]
+    assert 1 <= len(named) <= 3 and all(float(line.rsplit(": ", 1)[1].split(" ms")[0]) >= 0 for line in named)
