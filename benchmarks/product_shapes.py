@@ -8,8 +8,8 @@ by call so that a slow period of the machine falls on all alike, after two warm-
 int32 result, checked against the int32 reference: oneDNN's is inexact on CPUs without VNNI or AMX), the same
 int8 values through a bf16 kernel with float32 sums (``halp_fx.centered_int8``'s ``integer_mm_via_bf16``, where
 this torch has it; exact; given the values widened to float32, as the compiled step gives them), and the speed-up
-of each over float32. The default shapes are mlp1024's at batch 128: its forward and grad-input products (``128 x K x N``) and its weight-gradient products, whose summed dimension is the batch
-(``N_out x 128 x N_in``).
+of each over float32. The default shapes are mlp1024's at batch 128: its forward and grad-input products
+(``128 x K x N``) and its weight-gradient products, whose summed dimension is the batch (``N_out x 128 x N_in``).
 """
 import argparse
 import os

@@ -103,18 +103,18 @@ def main(argv=None):
                                                      "compiled_halp8_int8_bf16"])
     args = p.parse_args(argv)
     prepare_step_timing(args.threads)
-    if args.rest_by_kernel:
-        torch._inductor.config.cpp.enable_kernel_profile = True   # each fused C++ kernel an event of its own
-    print(f"{args.model}, batch {args.batch_size}, {args.threads} thread(s), torch {torch.__version__}, "
-          f"CPU flags {' '.join(cpu_flags())}; "
-          f"ms per inner step (calls per step)")
-    for name in args.methods:
-        found, shapes = profile_method(name, args.model, args.batch_size, args.steps, args.by_shape,
-                                       args.rest_by_kernel)
-        print(f"  {name}: " + ", ".join(f"{k} {ms:.2f} ms" + (f" ({n})" if n else "")
-                                        for k, (ms, n) in sorted(found.items())))
-        for product, operands, ms, n in shapes:
-            print(f"    {product} {operands}: {ms:.2f} ms ({n})")
+    # --rest-by-kernel: each fused C++ kernel an event of its own, for this run only
+    with torch._inductor.config.patch({"cpp.enable_kernel_profile": True} if args.rest_by_kernel else {}):
+        print(f"{args.model}, batch {args.batch_size}, {args.threads} thread(s), torch {torch.__version__}, "
+              f"CPU flags {' '.join(cpu_flags())}; "
+              f"ms per inner step (calls per step)")
+        for name in args.methods:
+            found, shapes = profile_method(name, args.model, args.batch_size, args.steps, args.by_shape,
+                                           args.rest_by_kernel)
+            print(f"  {name}: " + ", ".join(f"{k} {ms:.2f} ms" + (f" ({n})" if n else "")
+                                            for k, (ms, n) in sorted(found.items())))
+            for product, operands, ms, n in shapes:
+                print(f"    {product} {operands}: {ms:.2f} ms ({n})")
 
 
 if __name__ == "__main__":

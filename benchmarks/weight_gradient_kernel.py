@@ -61,9 +61,9 @@ def main(argv=None):
     variants = {}
     for name in args.baselines + args.methods:
         for route in (True,) if name in args.baselines else (True, False):
-            method, kernels = build(name, args.model, args.batch_size, count, route)
             if not route and variants[(name, True)][1] == 0:
-                break   # no correction went through the bf16 kernel: turning it off builds the same step
+                break   # no correction went through the bf16 kernel: turning it off would build the same step
+            method, kernels = build(name, args.model, args.batch_size, count, route)
             for i in range(1, 4):
                 method.step(i)
             variants[(name, route)] = method, kernels

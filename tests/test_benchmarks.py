@@ -272,6 +272,11 @@ def test_the_small_mlp_table_in_docs_performance_quotes_the_saved_run():
     assert f"simulation {methods['torchhalp_eager']['inner_step_s'] * 1e3:.2f} ms" in readme
 
 
+def _header_flags(saved):
+    """The words of a saved Markdown table's first line, where the benchmark names the CPU flags."""
+    return set(saved.splitlines()[0].replace(",", " ").replace(";", " ").split())
+
+
 AMX_ROWS = {"mlp1024": ("mlp1024", "mlp1024", 2), "transformer": ("transformer", "transformer layer", 0),
             "cnn": ("cnn", "CNN", 2), "lenet5": ("cnn", "LeNet-5", 2)}
 AMX_COLUMNS = ["compiled_sgd", "compiled_sgd_bf16_autocast", "compiled_svrg", "compiled_halp8", "compiled_halp8_int8",
@@ -304,12 +309,12 @@ def test_the_product_shapes_script_times_each_shape_in_each_precision(capsys):
 
 def test_the_amx_product_and_kernel_tables_in_docs_low_precision_quote_the_saved_runs():
     saved = open(os.path.join(ROOT, "docs", "results", "benchmarks", "product_shapes_amx.md")).read()
-    assert {"amx_int8", "amx_bf16"} <= set(saved.splitlines()[0].replace(",", " ").replace(";", " ").split())
+    assert {"amx_int8", "amx_bf16"} <= _header_flags(saved)
     page = open(os.path.join(ROOT, "docs", "low_precision.md")).read().split("### On a CPU with AMX", 1)[1]
     rows = [line for line in page.splitlines() if line.startswith("| 128×") or line.startswith("| 1024×")]
     assert len(rows) == 4 and all(row in saved.splitlines() for row in rows)
     ab = open(os.path.join(ROOT, "docs", "results", "benchmarks", "weight_gradient_kernel_amx.md")).read()
-    assert {"amx_int8", "amx_bf16"} <= set(ab.splitlines()[0].replace(",", " ").replace(";", " ").split())
+    assert {"amx_int8", "amx_bf16"} <= _header_flags(ab)
     rows = [line for line in page.splitlines() if line.startswith("| compiled_")]
     assert len(rows) == 6 and all(row in ab.splitlines() for row in rows)
 
@@ -329,7 +334,7 @@ def _interleaved_rows(path):
 def test_the_epyc_interleaved_step_times_in_docs_low_precision_quote_the_saved_runs(saved_as, label):
     """The EPYC's interleaved table is the saved runs to the digit, which ran with VNNI and BF16 and no AMX."""
     path = os.path.join(ROOT, "docs", "results", "benchmarks", saved_as)
-    flags = set(open(path).read().splitlines()[0].replace(",", " ").replace(";", " ").split())
+    flags = _header_flags(open(path).read())
     assert {"avx512_vnni", "avx512_bf16"} <= flags and not flags & {"amx_int8", "amx_bf16"}
     saved = _interleaved_rows(path)
     columns = ["compiled_sgd", "compiled_sgd_bf16_autocast", "compiled_svrg", "compiled_halp8_int8",
@@ -355,13 +360,13 @@ def test_the_epyc_convolutional_step_times_in_docs_low_precision_quote_the_saved
     assert "avx512_vnni" in saved["meta"]["cpu_flags"] and "amx_int8" not in saved["meta"]["cpu_flags"]
 
 
-def test_the_low_precision_profile_names_the_costliest_kernels_that_are_not_products(capsys, monkeypatch):
+def test_the_low_precision_profile_names_the_costliest_kernels_that_are_not_products(capsys):
     from benchmarks import profile_low_precision
     import torch._inductor.config
-    # the script turns Inductor's kernel profile on for the process; undone after this test
-    monkeypatch.setattr(torch._inductor.config.cpp, "enable_kernel_profile", False)
+    before = torch._inductor.config.cpp.enable_kernel_profile
     profile_low_precision.main(["--model", "logreg", "--steps", "2", "--rest-by-kernel", "3",
                                 "--methods", "compiled_sgd"])
+    assert torch._inductor.config.cpp.enable_kernel_profile == before   # the kernel profile was on for the run only
     out = capsys.readouterr().out.splitlines()
     summary = next(line for line in out if line.startswith("  compiled_sgd:"))
     assert "everything else" in summary and "float32 products" in summary
