@@ -73,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--json", default=os.path.join(ROOT, "results", "benchmarks.json"))
     p.add_argument("--markdown", help="also write the results table as Markdown to this file")
     p.add_argument("--markdown-from", metavar="JSON", help="print the Markdown table of an earlier run and exit")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="glibc's malloc keeps freed memory for reuse (halp_fx.freed_memory), for every method alike")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = args.quick
@@ -102,6 +104,11 @@ def setup(args):
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
+    if args.keep_freed_memory:
+        from halp_fx.freed_memory import keep_freed_memory
+        applied, why = keep_freed_memory()
+        if not applied:
+            raise SystemExit(f"--keep-freed-memory: {why}")
     from benchmarks.methods import quiet_halp_warnings
     quiet_halp_warnings()
     return torch
@@ -133,7 +140,7 @@ def machine_info(torch, args):
         "int8_products_env": "always" if centered_int8.forced() else "",
         "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "device": args.device,
         "platform": platform.platform(), "inductor": not args.no_inductor,
-        "load_average_at_start": os.getloadavg(),
+        "load_average_at_start": os.getloadavg(), "freed_memory_kept": args.keep_freed_memory,
     }
     if args.device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
@@ -375,6 +382,7 @@ def spawn_worker(args, model_name, batch_size, name, cache_dir):
                "--device", args.device, "--cache-dir", cache_dir, "--batches-per-epoch", str(args.batches_per_epoch)]
     command += ["--threads", str(args.threads)] if args.threads else []
     command += ["--no-inductor"] if args.no_inductor else []
+    command += ["--keep-freed-memory"] if args.keep_freed_memory else []
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.worker_timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
@@ -539,7 +547,8 @@ def markdown(report):
         env = meta.get("int8_products_env")
         lines += ["", f"{machine}; CPU flags: {flags}; torch {meta.get('torch', '?')}; {meta.get('threads', '?')} "
                       f"thread(s); device {meta.get('device', '?')}; inductor {'on' if meta.get('inductor') else 'off'}"
-                      + (f"; HALP_FX_INT8_PRODUCTS={env}" if env else "")]
+                      + (f"; HALP_FX_INT8_PRODUCTS={env}" if env else "")
+                      + ("; freed memory kept for reuse (halp_fx.freed_memory)" if meta.get("freed_memory_kept") else "")]
     lines += [""] + [f"- {name}, {g['model']} batch {g['batch_size']}: matrix work {m['matrix_work']}"
                      for g in report["results"] for name, m in g["methods"].items() if "matrix_work" in m]
     lines += [f"- {name}, {g['model']} batch {g['batch_size']}, {pass_name}: {m[pass_name].splitlines()[0]}"
@@ -568,7 +577,8 @@ def main(argv=None):
     print(f"torch {meta['torch']}, {meta['cpu']} ({' '.join(meta['cpu_flags']) or 'no flags read'}; "
           f"ATen {meta['cpu_capability']}), {meta['threads']} threads, device {args.device}, "
           f"inductor {'on' if meta['inductor'] else 'OFF'}; load average {meta['load_average_at_start']}"
-          + (f"; HALP_FX_INT8_PRODUCTS={meta['int8_products_env']}" if meta["int8_products_env"] else ""), flush=True)
+          + (f"; HALP_FX_INT8_PRODUCTS={meta['int8_products_env']}" if meta["int8_products_env"] else "")
+          + ("; freed memory kept for reuse" if meta["freed_memory_kept"] else ""), flush=True)
     results = []
     for model_name in args.models:
         for batch_size in args.batch_sizes:

@@ -8,10 +8,13 @@ method twice, with that choice as it is and with it turned off (once where no co
 as on a CPU without AMX-BF16: both builds are then the same step), and times them interleaved (``--rounds``
 rounds of ``--steps`` inner steps each, every variant once per round), so that a slow period of the machine
 falls on all alike: the median and the fastest round, ms per inner step, with ``--baselines`` (compiled float32
-SGD and SVRG) timed in the same rounds, and the medians' ratios to them.
+SGD and SVRG) timed in the same rounds, and the medians' ratios to them, with each method's page faults per
+step. ``--keep-freed-memory``: glibc's malloc keeps freed memory for reuse in this run
+(:func:`halp_fx.freed_memory.keep_freed_memory`), for every method alike.
 """
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -26,6 +29,7 @@ from benchmarks import models  # noqa: E402
 from benchmarks.methods import METHODS, prepare_step_timing  # noqa: E402
 from benchmarks.run import cpu_flags  # noqa: E402
 from halp_fx import centered_int8, introspection  # noqa: E402
+from halp_fx.freed_memory import keep_freed_memory  # noqa: E402
 
 
 def build(name, model, batch_size, count, route):
@@ -55,8 +59,16 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--methods", nargs="+", default=["compiled_halp8_int8", "compiled_halp8_int8_bf16"])
     p.add_argument("--baselines", nargs="*", default=["compiled_sgd", "compiled_svrg"])
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="glibc's malloc keeps freed memory for reuse (mallopt), for every method alike")
     args = p.parse_args(argv)
     prepare_step_timing(args.threads)
+    memory = "glibc malloc's defaults"
+    if args.keep_freed_memory:
+        applied, why = keep_freed_memory()
+        if not applied:
+            p.error(f"--keep-freed-memory: {why}")
+        memory = "freed memory kept for reuse (mallopt M_MMAP_MAX 0, M_TRIM_THRESHOLD -1)"
     count = args.steps * args.rounds + 4   # T = count: no recenter among the timed steps
     variants = {}
     for name in args.baselines + args.methods:
@@ -68,26 +80,31 @@ def main(argv=None):
                 method.step(i)
             variants[(name, route)] = method, kernels
     times = {key: [] for key in variants}
+    faults = {key: [] for key in variants}
     for r in range(args.rounds):
         first = 4 + r * args.steps
         for key, (method, _) in variants.items():
+            faulted = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
             for i in range(first, first + args.steps):
                 method.step(i)
             times[key].append((time.perf_counter() - start) / args.steps * 1e3)
+            faults[key].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faulted) / args.steps)
     print(f"{args.model}, batch {args.batch_size}, {args.threads} thread(s), torch {torch.__version__}, CPU flags "
-          f"{' '.join(cpu_flags())}; ms per inner step over {args.rounds} interleaved rounds of {args.steps} steps\n")
+          f"{' '.join(cpu_flags())}; {memory}; ms per inner step over {args.rounds} interleaved rounds of "
+          f"{args.steps} steps\n")
     medians = {key: statistics.median(t) for key, t in times.items()}
     ratios = args.baselines
     print("| method | weight-gradient corrections | terms via bf16 | median ms | fastest round ms | "
-          + " | ".join(f"/ {name}" for name in ratios) + " |")
-    print("| --- | --- | ---: | ---: | ---: |" + " ---: |" * len(ratios))
+          + " | ".join(f"/ {name}" for name in ratios) + " | page faults per step |")
+    print("| --- | --- | ---: | ---: | ---: |" + " ---: |" * len(ratios) + " ---: |")
     for (name, route), (_, kernels) in variants.items():
         label = ("-" if kernels is None else "int8 kernel (the bf16 kernel does not pay here)" if kernels == 0
                  else "as chosen (bf16 kernel where it pays)" if route else "int8 kernel")
         print(f"| {name} | {label} | {'-' if kernels is None else kernels} | {medians[(name, route)]:.2f} | "
               f"{min(times[(name, route)]):.2f} | "
-              + " | ".join(f"{medians[(name, route)] / medians[(b, True)]:.2f}" for b in ratios) + " |")
+              + " | ".join(f"{medians[(name, route)] / medians[(b, True)]:.2f}" for b in ratios)
+              + f" | {statistics.median(faults[(name, route)]):.0f} |")
     return times
 
 
