@@ -7,6 +7,7 @@ rounds, the warm subprocess, the JSON), not the speed, in well under a minute.
 import json
 import logging
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -321,32 +322,44 @@ def test_the_amx_product_and_kernel_tables_in_docs_low_precision_quote_the_saved
 
 def _interleaved_rows(path):
     """method -> its row of a saved ``weight_gradient_kernel.py`` table: median, fastest, ratios."""
+    return _interleaved_rows_of(open(path).read().splitlines())
+
+
+def _interleaved_rows_of(lines):
     rows = {}
-    for line in open(path).read().splitlines():
+    for line in lines:
         if line.startswith("| compiled_"):
             cells = [cell.strip() for cell in line.strip("|").split("|")]
             rows[cells[0]] = cells[3:]
     return rows
 
 
-@pytest.mark.parametrize("saved_as, label", [("weight_gradient_kernel_epyc.md", "mlp1024"),
-                                             ("weight_gradient_kernel_epyc_transformer.md", "transformer layer")])
+@pytest.mark.parametrize("saved_as, label", [
+    ("weight_gradient_kernel_epyc.md", "mlp1024"),
+    ("weight_gradient_kernel_epyc_transformer.md", "transformer layer"),
+    ("weight_gradient_kernel_epyc_kept.md", "mlp1024, freed memory kept"),
+    ("weight_gradient_kernel_epyc_transformer_kept.md", "transformer layer, freed memory kept")])
 def test_the_epyc_interleaved_step_times_in_docs_low_precision_quote_the_saved_runs(saved_as, label):
-    """The EPYC's interleaved table is the saved runs to the digit, which ran with VNNI and BF16 and no AMX."""
+    """The EPYC's interleaved tables are the saved runs to the digit, which ran with VNNI and BF16 and no AMX,
+    with glibc malloc's defaults or with freed memory kept, as each table's label says."""
     path = os.path.join(ROOT, "docs", "results", "benchmarks", saved_as)
-    flags = _header_flags(open(path).read())
+    header = open(path).read().splitlines()[0]
+    flags = _header_flags(header)
     assert {"avx512_vnni", "avx512_bf16"} <= flags and not flags & {"amx_int8", "amx_bf16"}
+    assert ("freed memory kept for reuse" in header) == ("kept" in label)
+    assert ("glibc malloc's defaults" in header) == ("kept" not in label)
     saved = _interleaved_rows(path)
     columns = ["compiled_sgd", "compiled_sgd_bf16_autocast", "compiled_svrg", "compiled_halp8_int8",
                "compiled_halp8_int8_bf16"]
     page = open(os.path.join(ROOT, "docs", "low_precision.md")).read().split("## Step time", 1)[1]
     lines = page.split("### On a CPU with AMX", 1)[0].splitlines()
     start = lines.index(next(line for line in lines if line.startswith(f"| {label}, median round |")))
-    cells = [[cell.strip().strip("*") for cell in line.strip("|").split("|")][1:] for line in lines[start:start + 4]]
+    cells = [[cell.strip().strip("*") for cell in line.strip("|").split("|")][1:] for line in lines[start:start + 5]]
     assert cells[0] == [saved[m][0] for m in columns]          # median round
     assert cells[1] == [saved[m][1] for m in columns]          # fastest round
     assert cells[2] == [saved[m][2] for m in columns]          # / float32 SGD
     assert cells[3][2:] == [saved[m][4] for m in columns[2:]]  # / SVRG
+    assert cells[4] == [saved[m][5] for m in columns]          # page faults per step
 
 
 @pytest.mark.parametrize("model, label", [("cnn", "CNN"), ("lenet5", "LeNet-5")])
@@ -372,3 +385,18 @@ def test_the_low_precision_profile_names_the_costliest_kernels_that_are_not_prod
     assert "everything else" in summary and "float32 products" in summary
     named = [line for line in out if line.startswith("    everything else: ")]
     assert 1 <= len(named) <= 3 and all(float(line.rsplit(": ", 1)[1].split(" ms")[0]) >= 0 for line in named)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="--keep-freed-memory is glibc's mallopt")
+def test_the_interleaved_script_counts_page_faults_and_keeps_freed_memory_when_asked():
+    """Run in its own process: keeping freed memory is process-wide and lasting."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "weight_gradient_kernel.py"),
+                          "--model", "logreg", "--steps", "1", "--rounds", "2", "--baselines", "compiled_sgd",
+                          "--methods", "compiled_halp8_int8", "--keep-freed-memory"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert "freed memory kept for reuse" in out[0]
+    header = next(line for line in out if line.startswith("| method |"))
+    assert header.rstrip().endswith("| page faults per step |")
+    rows = _interleaved_rows_of(out)
+    assert set(rows) == {"compiled_sgd", "compiled_halp8_int8"}
+    assert all(float(cells[-1]) >= 0 and float(cells[0]) > 0 for cells in rows.values())
