@@ -243,3 +243,34 @@ def test_the_examples_keep_a_debug_level_set_before_them(tmp_path):
     logging.getLogger("halp_fx").setLevel(logging.DEBUG)
     regression.main(["--samples", "4", "--epochs", "1", "--out", str(tmp_path)])
     assert logging.getLogger("halp_fx").isEnabledFor(logging.DEBUG)
+
+
+FASHION_INT8_METHODS = ["HALP 8-bit", "HALP 8-bit int8", "HALP 8-bit int8 bf16-anchor"]
+
+
+def _seed_accuracies(folder):
+    """method -> test accuracy by seed, from ``folder/summary.csv`` (seed 0) and ``folder/seed<N>/summary.csv``."""
+    runs = {0: os.path.join(folder, "summary.csv")}
+    runs.update({int(name[4:]): os.path.join(folder, name, "summary.csv")
+                 for name in os.listdir(folder) if name.startswith("seed")})
+    found = {m: {} for m in FASHION_INT8_METHODS}
+    for seed, path in runs.items():
+        for row in csv.DictReader(open(path)):
+            if row["method"] in found:
+                found[row["method"]][seed] = float(row["test_accuracy"])
+    return found
+
+
+@pytest.mark.parametrize("folder, label", [("fashion_mnist", "Fashion-MNIST 10k subset"),
+                                           ("fashion_mnist_full", "full Fashion-MNIST")])
+def test_the_low_precision_fashion_mnist_accuracies_quote_every_saved_seed_and_their_mean(folder, label):
+    found = _seed_accuracies(os.path.join(ROOT, "docs", "results", "int8", folder))
+    seeds = sorted(found["HALP 8-bit"])
+    assert len(seeds) >= 3 and all(sorted(by_seed) == seeds for by_seed in found.values())
+    page = open(os.path.join(ROOT, "docs", "low_precision.md")).read()
+    row = next(line for line in page.splitlines() if line.startswith(f"| {label} ("))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    for method, cell in zip(FASHION_INT8_METHODS, cells[1:4]):
+        values = [found[method][s] for s in seeds]
+        mean = sum(values) / len(values)
+        assert cell == " / ".join(f"{v:.2f}" for v in values) + f" ({mean:.2f})"
