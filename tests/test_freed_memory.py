@@ -34,8 +34,8 @@ def _faults_per_reallocation(mode):
 def test_a_freed_64_mib_block_is_faulted_in_again_by_default_and_not_once_kept():
     pages = 64 * 2 ** 20 // 4096
     assert _faults_per_reallocation("default") >= pages // 2   # given back at free, every page faulted in again
-    # kept: the same pages, no faults. Best of three processes: about one process in ten on this VM still faulted
-    # every page though mallopt succeeded (seen once in CI, cause not established); three in a row would be a bug.
+    # kept: the same pages, no faults. Best of three processes: one of the first processes run in CI still faulted
+    # every page though mallopt succeeded (cause not established); three in a row would be a bug.
     assert min(_faults_per_reallocation("keep") for _ in range(3)) < pages // 100
 
 
