@@ -4,8 +4,8 @@ A compiled step allocates its temporaries anew at every call and frees them at i
 a freed block above its mmap threshold (32 MiB at most) back to the kernel, and trims the heap's free top; the
 next step's allocation of the same size then page-faults every 4 KiB page in again, each zeroed by the kernel.
 A large model's low-precision step has more such temporaries than its float32 SGD step (the differences and
-their int8 copies): on the transformer layer of ``benchmarks/``, 184,000 page faults per step against SGD's
-43,000 (``docs/performance.md``). :func:`keep_freed_memory` makes ``malloc`` keep what is freed for reuse.
+their int8 copies): on the transformer layer of ``benchmarks/``, 98,000-133,000 page faults per step against
+SGD's 10,000 (``docs/low_precision.md``, "Freed memory kept"). :func:`keep_freed_memory` makes ``malloc`` keep what is freed for reuse.
 """
 import ctypes
 import platform
