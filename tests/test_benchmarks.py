@@ -183,14 +183,38 @@ def test_char_lstm_seeds_write_each_arithmetic_and_their_means(tmp_path):
     out = tmp_path / "seeds.csv"
     rows = int8_char_lstm_seeds.main(["--seeds", "0", "--float32-sums", "--out", str(out), "--example-args",
                                       "--epochs 1 --train-batches 2 --val-batches 1 --hidden 8"])
-    assert [(r["arithmetic"], r["seed"]) for r in rows] == [("fp32", 0), ("int8", 0), ("int8_bf16", 0),
-                                                          ("fp32", "mean"), ("int8", "mean"), ("int8_bf16", "mean")]
+    assert [(r["arithmetic"], r["seed"], r["lr_nudge"]) for r in rows] == [
+        ("fp32", 0, "0"), ("int8", 0, "0"), ("int8_bf16", 0, "0"),
+        ("fp32", "mean", "0"), ("int8", "mean", "0"), ("int8_bf16", "mean", "0")]
     # the int8 products did run, and the bf16 anchor's products too
     assert len({rows[i]["val_perplexity"] for i in range(3)}) == 3
-    assert out.read_text().splitlines()[0] == "arithmetic,seed,val_perplexity"
+    assert out.read_text().splitlines()[0] == "arithmetic,seed,lr_nudge,val_perplexity"
     # It forces the int8 products only while it runs: later tests see this CPU's own choice again.
     from halp_fx import centered_int8
     assert "HALP_FX_INT8_PRODUCTS" not in os.environ and centered_int8.int8_mm.__module__ == "halp_fx.centered_int8"
+
+
+def test_char_lstm_seeds_rerun_each_seed_with_a_nudged_step_size_and_average_every_run(tmp_path):
+    from benchmarks import int8_char_lstm_seeds
+    rows = int8_char_lstm_seeds.main(["--seeds", "0", "--lr-nudges", "0,0.01", "--float32-sums",
+                                      "--out", str(tmp_path / "seeds.csv"), "--example-args",
+                                      "--epochs 1 --train-batches 2 --val-batches 1 --hidden 8"])
+    runs = {(r["arithmetic"], r["lr_nudge"]): r["val_perplexity"] for r in rows if r["seed"] == 0}
+    assert set(runs) == {(a, n) for a in int8_char_lstm_seeds.ARITHMETICS for n in ("0", "0.01")}
+    assert all(runs[a, "0"] != runs[a, "0.01"] for a in int8_char_lstm_seeds.ARITHMETICS)  # the step size moved
+    means = {(r["arithmetic"], r["lr_nudge"]): r["val_perplexity"] for r in rows if r["seed"] == "mean"}
+    for a in int8_char_lstm_seeds.ARITHMETICS:
+        assert means[a, "0"] == runs[a, "0"]
+        assert means[a, "all"] == pytest.approx((runs[a, "0"] + runs[a, "0.01"]) / 2)
+
+
+@pytest.mark.parametrize("argv, message", [(["--lr-nudges", "1e-5"], "--lr-nudges must include 0"),
+                                           (["--jobs", "0"], "--jobs must be at least 1")])
+def test_char_lstm_seeds_reject_bad_arguments(argv, message, capsys):
+    from benchmarks import int8_char_lstm_seeds
+    with pytest.raises(SystemExit):
+        int8_char_lstm_seeds.main(argv)
+    assert message in capsys.readouterr().err
 
 
 def test_auto_mu_telemetry_records_every_recenter_of_every_run(tmp_path):

@@ -274,3 +274,29 @@ def test_the_low_precision_fashion_mnist_accuracies_quote_every_saved_seed_and_t
         values = [found[method][s] for s in seeds]
         mean = sum(values) / len(values)
         assert cell == " / ".join(f"{v:.2f}" for v in values) + f" ({mean:.2f})"
+
+
+def test_the_low_precision_char_lstm_perplexities_quote_the_saved_seeds_and_nudged_runs():
+    """Both char LSTM rows of docs/low_precision.md are means of the saved runs: the plain seeds 0-4 (nudge 0)
+    and every seed at every nudge of the step size, each with its change against float32 HALP."""
+    rows = list(csv.DictReader(open(os.path.join(ROOT, "docs", "results", "int8", "char_lstm_seeds.csv"))))
+    runs = [r for r in rows if r["seed"] != "mean"]
+    nudges = sorted({r["lr_nudge"] for r in runs})
+    assert len(nudges) == 5 and "0" in nudges
+    assert {(r["seed"], r["lr_nudge"]) for r in runs if r["arithmetic"] == "fp32"} == {
+        (str(s), n) for s in range(5) for n in nudges}
+
+    def mean(arithmetic, nudge):
+        values = [float(r["val_perplexity"]) for r in runs if r["arithmetic"] == arithmetic
+                  and (nudge is None or r["lr_nudge"] == nudge)]
+        return sum(values) / len(values)
+
+    page = open(os.path.join(ROOT, "docs", "low_precision.md")).read().splitlines()
+    for prefix, nudge in [("| char LSTM (`python benchmarks/int8_char_lstm_seeds.py`)", "0"),
+                          ("| char LSTM, the same five seeds each also at lr", None)]:
+        cells = [cell.strip() for cell in next(line for line in page if line.startswith(prefix)).split("|")[2:5]]
+        fp32 = mean("fp32", nudge)
+        assert cells[0] == f"{fp32:.2f}"
+        for arithmetic, cell in zip(["int8", "int8_bf16"], cells[1:]):
+            value = mean(arithmetic, nudge)
+            assert cell == f"{value:.2f} ({100 * (value / fp32 - 1):+.1f}%)"
