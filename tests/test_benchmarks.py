@@ -362,7 +362,12 @@ def _interleaved_rows_of(lines):
     ("weight_gradient_kernel_epyc.md", "mlp1024"),
     ("weight_gradient_kernel_epyc_transformer.md", "transformer layer"),
     ("weight_gradient_kernel_epyc_kept.md", "mlp1024, freed memory kept"),
-    ("weight_gradient_kernel_epyc_transformer_kept.md", "transformer layer, freed memory kept")])
+    ("weight_gradient_kernel_epyc_transformer_kept.md", "transformer layer, freed memory kept"),
+    ("weight_gradient_kernel_epyc_avx_vnni.md", "mlp1024 on the AVX-VNNI EPYC"),
+    ("weight_gradient_kernel_epyc_avx_vnni_transformer.md", "transformer layer on the AVX-VNNI EPYC"),
+    ("weight_gradient_kernel_epyc_avx_vnni_kept.md", "mlp1024 on the AVX-VNNI EPYC, freed memory kept"),
+    ("weight_gradient_kernel_epyc_avx_vnni_transformer_kept.md",
+     "transformer layer on the AVX-VNNI EPYC, freed memory kept")])
 def test_the_epyc_interleaved_step_times_in_docs_low_precision_quote_the_saved_runs(saved_as, label):
     """The EPYC's interleaved tables are the saved runs to the digit, which ran with VNNI and BF16 and no AMX,
     with glibc malloc's defaults or with freed memory kept, as each table's label says."""
@@ -370,6 +375,7 @@ def test_the_epyc_interleaved_step_times_in_docs_low_precision_quote_the_saved_r
     header = open(path).read().splitlines()[0]
     flags = _header_flags(header)
     assert {"avx512_vnni", "avx512_bf16"} <= flags and not flags & {"amx_int8", "amx_bf16"}
+    assert ("avx_vnni" in flags) == ("AVX-VNNI EPYC" in label)
     assert ("freed memory kept for reuse" in header) == ("kept" in label)
     assert ("glibc malloc's defaults" in header) == ("kept" not in label)
     saved = _interleaved_rows(path)
@@ -384,6 +390,20 @@ def test_the_epyc_interleaved_step_times_in_docs_low_precision_quote_the_saved_r
     assert cells[2] == [saved[m][2] for m in columns]          # / float32 SGD
     assert cells[3][2:] == [saved[m][4] for m in columns[2:]]  # / SVRG
     assert cells[4] == [saved[m][5] for m in columns]          # page faults per step
+
+
+@pytest.mark.parametrize("model, label", [("mlp1024", "mlp1024"), ("transformer", "transformer layer")])
+def test_the_avx_vnni_epyc_benchmark_tables_quote_the_saved_runs_with_freed_memory_kept(model, label):
+    saved = json.load(open(os.path.join(ROOT, "docs", "results", "benchmarks",
+                                        f"low_precision_{model}_epyc_avx_vnni_kept.json")))
+    assert saved["meta"]["freed_memory_kept"] is True
+    assert {"avx_vnni", "avx512_vnni", "avx512_bf16"} <= set(saved["meta"]["cpu_flags"])
+    methods = saved["results"][0]["methods"]
+    page = open(os.path.join(ROOT, "docs", "low_precision.md")).read().split("### On a newer EPYC with AVX-VNNI", 1)[1]
+    for quantity, key, digits in [("ms per inner step", "inner_step_s", 2), ("ms per epoch", "epoch_s", 1)]:
+        row = next(line for line in page.splitlines() if line.startswith(f"| {label} on the AVX-VNNI EPYC, {quantity} |"))
+        cells = [cell.strip() for cell in row.strip("|").split("|")][1:]
+        assert cells == [f"{methods[m][key] * 1e3:.{digits}f}" for m in AMX_COLUMNS]
 
 
 @pytest.mark.parametrize("model, label", [("cnn", "CNN"), ("lenet5", "LeNet-5")])
