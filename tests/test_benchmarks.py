@@ -4,6 +4,7 @@ It runs once, on the smallest configuration, with ``--no-inductor`` so that the
 graphs run eagerly: this checks the harness (every method, the interleaved
 rounds, the warm subprocess, the JSON), not the speed, in well under a minute.
 """
+import csv
 import json
 import logging
 import os
@@ -392,18 +393,36 @@ def test_the_epyc_interleaved_step_times_in_docs_low_precision_quote_the_saved_r
     assert cells[4] == [saved[m][5] for m in columns]          # page faults per step
 
 
-@pytest.mark.parametrize("model, label", [("mlp1024", "mlp1024"), ("transformer", "transformer layer")])
-def test_the_avx_vnni_epyc_benchmark_tables_quote_the_saved_runs_with_freed_memory_kept(model, label):
+@pytest.mark.parametrize("saved_as, model, label", [("mlp1024", "mlp1024", "mlp1024"),
+                                                     ("transformer", "transformer", "transformer layer"),
+                                                     ("cnn", "cnn", "CNN"), ("cnn", "lenet5", "LeNet-5")])
+def test_the_avx_vnni_epyc_benchmark_tables_quote_the_saved_runs_with_freed_memory_kept(saved_as, model, label):
     saved = json.load(open(os.path.join(ROOT, "docs", "results", "benchmarks",
-                                        f"low_precision_{model}_epyc_avx_vnni_kept.json")))
+                                        f"low_precision_{saved_as}_epyc_avx_vnni_kept.json")))
     assert saved["meta"]["freed_memory_kept"] is True
     assert {"avx_vnni", "avx512_vnni", "avx512_bf16"} <= set(saved["meta"]["cpu_flags"])
-    methods = saved["results"][0]["methods"]
+    methods = next(group for group in saved["results"] if group["model"] == model)["methods"]
     page = open(os.path.join(ROOT, "docs", "low_precision.md")).read().split("### On a newer EPYC with AVX-VNNI", 1)[1]
     for quantity, key, digits in [("ms per inner step", "inner_step_s", 2), ("ms per epoch", "epoch_s", 1)]:
         row = next(line for line in page.splitlines() if line.startswith(f"| {label} on the AVX-VNNI EPYC, {quantity} |"))
         cells = [cell.strip() for cell in row.strip("|").split("|")][1:]
         assert cells == [f"{methods[m][key] * 1e3:.{digits}f}" for m in AMX_COLUMNS]
+
+
+def test_the_avx_vnni_epyc_convolution_ratios_in_docs_low_precision_quote_the_saved_run():
+    rows = list(csv.DictReader(open(os.path.join(ROOT, "docs", "results", "benchmarks",
+                                                 "int8_convolution_epyc_avx_vnni.csv"))))
+    assert len(rows) == 4
+
+    def span(column):
+        values = sorted(float(row[column]) for row in rows)
+        return f"{values[0]:.2f}–{values[-1]:.2f}×"
+    page = " ".join(open(os.path.join(ROOT, "docs", "low_precision.md")).read()
+                    .split("### On a newer EPYC with AVX-VNNI", 1)[1].split("### On a CPU with AMX", 1)[0].split())
+    assert (f"convolution costs {span('onednn_int8_over_fp32')} the float32 one with its weight packed once and "
+            f"{span('onednn_int8_packed_per_call_over_fp32')} packed per call") in page
+    assert f"`im2col` with `_int_mm` {span('im2col_int8_over_fp32')}" in page
+    assert min(float(row["onednn_int8_over_fp32"]) for row in rows) > 0.5   # two corrections cannot pay
 
 
 @pytest.mark.parametrize("model, label", [("cnn", "CNN"), ("lenet5", "LeNet-5")])
