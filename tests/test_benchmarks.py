@@ -425,6 +425,31 @@ def test_the_avx_vnni_epyc_convolution_ratios_in_docs_low_precision_quote_the_sa
     assert min(float(row["onednn_int8_over_fp32"]) for row in rows) > 0.5   # two corrections cannot pay
 
 
+README_INTERLEAVED_ROWS = {
+    "AMD EPYC, AVX512-VNNI and AVX512-BF16": ("weight_gradient_kernel_epyc.md",
+                                              "weight_gradient_kernel_epyc_transformer.md"),
+    "a newer AMD EPYC, AVX-VNNI too": ("weight_gradient_kernel_epyc_avx_vnni.md",
+                                       "weight_gradient_kernel_epyc_avx_vnni_transformer.md")}
+
+
+def test_the_readme_step_time_ratios_by_cpu_quote_the_saved_interleaved_runs():
+    lines = open(os.path.join(ROOT, "README.md")).read().splitlines()
+    checked = 0
+    for i, line in enumerate(lines):
+        cells = [cell.strip().strip("*") for cell in line.strip("|").split("|")]
+        if cells[0] not in README_INTERLEAVED_ROWS:
+            continue
+        kept = [cell.strip().strip("*") for cell in lines[i + 1].strip("|").split("|")]
+        assert kept[0] == "the same, freed memory kept"
+        for row, suffix in [(cells, ".md"), (kept, "_kept.md")]:
+            saved = [_interleaved_rows(os.path.join(ROOT, "docs", "results", "benchmarks", name[:-3] + suffix))
+                     for name in README_INTERLEAVED_ROWS[cells[0]]]
+            assert row[1:] == [" / ".join(model[method][column] for model in saved)
+                               for method in ("compiled_halp8_int8_bf16", "compiled_halp8_int8") for column in (2, 4)]
+            checked += 1
+    assert checked == 4
+
+
 @pytest.mark.parametrize("model, label", [("cnn", "CNN"), ("lenet5", "LeNet-5")])
 def test_the_epyc_convolutional_step_times_in_docs_low_precision_quote_the_saved_run(model, label):
     saved = json.load(open(os.path.join(ROOT, "docs", "results", "benchmarks", "low_precision_cnn.json")))
