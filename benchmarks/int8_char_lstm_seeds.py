@@ -112,7 +112,10 @@ def main(argv=None):
                         help="more arguments for examples/char_lstm.py, e.g. '--epochs 1' (default: its defaults)")
     parser.add_argument("--out", default="results/int8_char_lstm_seeds.csv")
     args = parser.parse_args(argv)
-    nudges = [float(n) for n in args.lr_nudges.split(",")]
+    try:
+        nudges = [float(n) for n in args.lr_nudges.split(",")]
+    except ValueError:
+        parser.error(f"--lr-nudges must be comma-separated numbers, e.g. 0,1e-5,-1e-5; got {args.lr_nudges!r}")
     if 0.0 not in nudges:
         parser.error(f"--lr-nudges must include 0 (the plain seeds), got {args.lr_nudges!r}")
     if args.jobs < 1:

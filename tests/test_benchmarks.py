@@ -210,6 +210,7 @@ def test_char_lstm_seeds_rerun_each_seed_with_a_nudged_step_size_and_average_eve
 
 
 @pytest.mark.parametrize("argv, message", [(["--lr-nudges", "1e-5"], "--lr-nudges must include 0"),
+                                           (["--lr-nudges", "0,tiny"], "--lr-nudges must be comma-separated numbers"),
                                            (["--jobs", "0"], "--jobs must be at least 1")])
 def test_char_lstm_seeds_reject_bad_arguments(argv, message, capsys):
     from benchmarks import int8_char_lstm_seeds
