@@ -300,3 +300,35 @@ def test_the_low_precision_char_lstm_perplexities_quote_the_saved_seeds_and_nudg
         for arithmetic, cell in zip(["int8", "int8_bf16"], cells[1:]):
             value = mean(arithmetic, nudge)
             assert cell == f"{value:.2f} ({100 * (value / fp32 - 1):+.1f}%)"
+
+
+def test_the_char_lstm_auto_mu_reruns_on_the_avx_vnni_epyc_are_quoted_from_their_csvs():
+    folder = os.path.join(ROOT, "docs", "results", "auto_mu")
+    seeds = {(r["bits"], r["seed"], r["mu"]): float(r["val_perplexity"])
+             for r in csv.DictReader(open(os.path.join(folder, "char_lstm_seeds_epyc_avx_vnni.csv")))}
+    auto4 = [float(r["val_perplexity"]) for r in csv.DictReader(open(os.path.join(folder,
+             "char_lstm_4bit_auto_epyc_avx_vnni.csv"))) if r["seed"] != "mean"]
+    assert len(auto4) == 10
+    auto8 = sum(seeds["8", str(s), "auto"] for s in range(5)) / 5
+    mu1_8 = sum(seeds["8", str(s), "1"] for s in range(5)) / 5
+    mu1_4 = sum(seeds["4", str(s), "1"] for s in range(10)) / 10
+    mean4 = sum(auto4) / 10
+    quoted = [f"auto {auto8:.2f} against mu=1's {mu1_8:.2f} ({100 * (auto8 / mu1_8 - 1):+.1f}%",
+              f"auto {mean4:.2f} against mu=1's {mu1_4:.2f} ({100 * (mean4 / mu1_4 - 1):+.1f}%"]
+    page = " ".join(open(os.path.join(ROOT, "docs", "examples.md")).read().split())
+    assert all(text in page for text in quoted)
+    results = " ".join(open(os.path.join(ROOT, "docs", "results.md")).read().split())
+    assert f"auto averages {auto8:.2f} against μ=1's {mu1_8:.2f}, {100 * (auto8 / mu1_8 - 1):+.1f}%" in results
+    assert f"it averages {mean4:.2f} against μ=1's {mu1_4:.2f} ({100 * (mean4 / mu1_4 - 1):+.1f}%)" in results
+
+
+def test_the_char_lstm_section_quotes_the_saved_main_job():
+    rows = {r["method"]: r for r in csv.DictReader(open(os.path.join(ROOT, "docs", "results", "char_lstm",
+                                                                      "summary.csv")))}
+    page = open(os.path.join(ROOT, "docs", "examples.md")).read().split("## Character-level LSTM", 1)[1]
+    for method, label in [("SGD", "SGD"), ("LP-SGD 8-bit", "LP-SGD 8-bit"), ("SVRG", "SVRG"),
+                          ("HALP 8-bit", "HALP 8-bit, mu=auto")]:
+        row = next(line for line in page.splitlines() if line.startswith(f"| {label} |"))
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[1:3] == [f"{float(rows[method]['val_perplexity']):.2f}",
+                              f"{float(rows[method]['train_perplexity']):.2f}"]
