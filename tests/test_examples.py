@@ -332,3 +332,16 @@ def test_the_char_lstm_section_quotes_the_saved_main_job():
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert cells[1:3] == [f"{float(rows[method]['val_perplexity']):.2f}",
                               f"{float(rows[method]['train_perplexity']):.2f}"]
+
+
+@pytest.mark.parametrize("folder, heading", [("fashion_mnist", "## Fashion-MNIST, LeNet-5"),
+                                             ("fashion_mnist_full", "### The full training set (`--full`)")])
+def test_the_fashion_mnist_sections_quote_their_saved_main_jobs(folder, heading):
+    rows = {r["method"]: r for r in csv.DictReader(open(os.path.join(ROOT, "docs", "results", folder,
+                                                                      "summary.csv")))}
+    page = open(os.path.join(ROOT, "docs", "examples.md")).read().split(heading, 1)[1]
+    for method in ["SGD", "LP-SGD 8-bit", "SVRG", "HALP 8-bit", "HALP 4-bit"]:
+        row = next(line for line in page.splitlines() if line.startswith(f"| {method}"))
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[1:3] == [f"{float(rows[method]['test_accuracy']):.2f} %",
+                              f"{float(rows[method]['train_loss']):.3f}"]
