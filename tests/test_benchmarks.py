@@ -304,6 +304,12 @@ def _header_flags(saved):
     return set(saved.splitlines()[0].replace(",", " ").replace(";", " ").split())
 
 
+def _row_cells(page, prefix):
+    """The cells after the first of the Markdown table row of ``page`` that starts with ``prefix``."""
+    row = next(line for line in page.splitlines() if line.startswith(prefix))
+    return [cell.strip() for cell in row.strip("|").split("|")][1:]
+
+
 AMX_ROWS = {"mlp1024": ("mlp1024", "mlp1024", 2), "transformer": ("transformer", "transformer layer", 0),
             "cnn": ("cnn", "CNN", 2), "lenet5": ("cnn", "LeNet-5", 2)}
 AMX_COLUMNS = ["compiled_sgd", "compiled_sgd_bf16_autocast", "compiled_svrg", "compiled_halp8", "compiled_halp8_int8",
@@ -317,8 +323,7 @@ def test_the_amx_step_times_in_docs_low_precision_quote_the_saved_runs(model):
     saved = json.load(open(os.path.join(ROOT, "docs", "results", "benchmarks", f"low_precision_{saved_as}_amx.json")))
     group = next(g for g in saved["results"] if g["model"] == model)
     page = open(os.path.join(ROOT, "docs", "low_precision.md")).read().split("### On a CPU with AMX", 1)[1]
-    row = next(line for line in page.splitlines() if line.startswith(f"| {label}, ms per inner step |"))
-    cells = [cell.strip() for cell in row.strip("|").split("|")][1:]
+    cells = _row_cells(page, f"| {label}, ms per inner step |")
     assert cells == [f"{group['methods'][m]['inner_step_s'] * 1e3:.{digits}f}" for m in AMX_COLUMNS]
     assert {"amx_int8", "amx_bf16"} <= set(saved["meta"]["cpu_flags"]) and saved["meta"]["torch"].startswith("2.13")
 
@@ -405,8 +410,7 @@ def test_the_avx_vnni_epyc_benchmark_tables_quote_the_saved_runs_with_freed_memo
     methods = next(group for group in saved["results"] if group["model"] == model)["methods"]
     page = open(os.path.join(ROOT, "docs", "low_precision.md")).read().split("### On a newer EPYC with AVX-VNNI", 1)[1]
     for quantity, key, digits in [("ms per inner step", "inner_step_s", 2), ("ms per epoch", "epoch_s", 1)]:
-        row = next(line for line in page.splitlines() if line.startswith(f"| {label} on the AVX-VNNI EPYC, {quantity} |"))
-        cells = [cell.strip() for cell in row.strip("|").split("|")][1:]
+        cells = _row_cells(page, f"| {label} on the AVX-VNNI EPYC, {quantity} |")
         assert cells == [f"{methods[m][key] * 1e3:.{digits}f}" for m in AMX_COLUMNS]
 
 
@@ -456,8 +460,7 @@ def test_the_epyc_convolutional_step_times_in_docs_low_precision_quote_the_saved
     saved = json.load(open(os.path.join(ROOT, "docs", "results", "benchmarks", "low_precision_cnn.json")))
     group = next(g for g in saved["results"] if g["model"] == model)
     page = open(os.path.join(ROOT, "docs", "low_precision.md")).read().split("### On a CPU with AMX", 1)[0]
-    row = next(line for line in page.splitlines() if line.startswith(f"| {label}, ms per inner step |"))
-    cells = [cell.strip() for cell in row.strip("|").split("|")][1:]
+    cells = _row_cells(page, f"| {label}, ms per inner step |")
     assert cells == [f"{group['methods'][m]['inner_step_s'] * 1e3:.2f}" for m in AMX_COLUMNS]
     assert "avx512_vnni" in saved["meta"]["cpu_flags"] and "amx_int8" not in saved["meta"]["cpu_flags"]
 

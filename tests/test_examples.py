@@ -322,26 +322,26 @@ def test_the_char_lstm_auto_mu_reruns_on_the_avx_vnni_epyc_are_quoted_from_their
     assert f"it averages {mean4:.2f} against μ=1's {mu1_4:.2f} ({100 * (mean4 / mu1_4 - 1):+.1f}%)" in results
 
 
-def test_the_char_lstm_section_quotes_the_saved_main_job():
-    rows = {r["method"]: r for r in csv.DictReader(open(os.path.join(ROOT, "docs", "results", "char_lstm",
-                                                                      "summary.csv")))}
-    page = open(os.path.join(ROOT, "docs", "examples.md")).read().split("## Character-level LSTM", 1)[1]
-    for method, label in [("SGD", "SGD"), ("LP-SGD 8-bit", "LP-SGD 8-bit"), ("SVRG", "SVRG"),
-                          ("HALP 8-bit", "HALP 8-bit, mu=auto")]:
+MAIN_JOB_TABLES = {  # folder: (section heading, method -> its row's label, (column, format) of the quoted cells)
+    "char_lstm": ("## Character-level LSTM",
+                  {"SGD": "SGD", "LP-SGD 8-bit": "LP-SGD 8-bit", "SVRG": "SVRG", "HALP 8-bit": "HALP 8-bit, mu=auto"},
+                  [("val_perplexity", "{:.2f}"), ("train_perplexity", "{:.2f}")]),
+    "fashion_mnist": ("## Fashion-MNIST, LeNet-5",
+                      {"SGD": "SGD", "LP-SGD 8-bit": "LP-SGD 8-bit", "SVRG": "SVRG", "HALP 8-bit": "HALP 8-bit, mu=auto",
+                       "HALP 4-bit": "HALP 4-bit, mu=4"},
+                      [("test_accuracy", "{:.2f} %"), ("train_loss", "{:.3f}")]),
+    "fashion_mnist_full": ("### The full training set (`--full`)",
+                           {"SGD": "SGD", "LP-SGD 8-bit": "LP-SGD 8-bit", "SVRG": "SVRG",
+                            "HALP 8-bit": "HALP 8-bit, mu=auto", "HALP 4-bit": "HALP 4-bit, mu=auto"},
+                           [("test_accuracy", "{:.2f} %"), ("train_loss", "{:.3f}")])}
+
+
+@pytest.mark.parametrize("folder", MAIN_JOB_TABLES)
+def test_each_example_section_quotes_its_saved_main_job(folder):
+    heading, labels, columns = MAIN_JOB_TABLES[folder]
+    rows = {r["method"]: r for r in csv.DictReader(open(os.path.join(ROOT, "docs", "results", folder, "summary.csv")))}
+    page = open(os.path.join(ROOT, "docs", "examples.md")).read().split(heading, 1)[1]
+    for method, label in labels.items():
         row = next(line for line in page.splitlines() if line.startswith(f"| {label} |"))
         cells = [cell.strip() for cell in row.strip("|").split("|")]
-        assert cells[1:3] == [f"{float(rows[method]['val_perplexity']):.2f}",
-                              f"{float(rows[method]['train_perplexity']):.2f}"]
-
-
-@pytest.mark.parametrize("folder, heading", [("fashion_mnist", "## Fashion-MNIST, LeNet-5"),
-                                             ("fashion_mnist_full", "### The full training set (`--full`)")])
-def test_the_fashion_mnist_sections_quote_their_saved_main_jobs(folder, heading):
-    rows = {r["method"]: r for r in csv.DictReader(open(os.path.join(ROOT, "docs", "results", folder,
-                                                                      "summary.csv")))}
-    page = open(os.path.join(ROOT, "docs", "examples.md")).read().split(heading, 1)[1]
-    for method in ["SGD", "LP-SGD 8-bit", "SVRG", "HALP 8-bit", "HALP 4-bit"]:
-        row = next(line for line in page.splitlines() if line.startswith(f"| {method}"))
-        cells = [cell.strip() for cell in row.strip("|").split("|")]
-        assert cells[1:3] == [f"{float(rows[method]['test_accuracy']):.2f} %",
-                              f"{float(rows[method]['train_loss']):.3f}"]
+        assert cells[1:3] == [form.format(float(rows[method][column])) for column, form in columns]
