@@ -104,7 +104,7 @@ class CompiledSGD(Method):
         return False
 
     def forward_backward_pass(self):
-        """The reference for a full-gradient pass: the compiled gradient graph over every batch, nothing kept."""
+        """The reference for a full-gradient pass: the compiled float32 gradient graph over every batch, nothing kept."""
         if not hasattr(self, "gradient_fn"):
             example = [*self.params, *self.frozen, *self.buffers, *self.batches[0]]
             self.gradient_fn = _compile(self.gradient, example) if self.compile else self.gradient
@@ -123,6 +123,8 @@ class CompiledSGDBf16Autocast(CompiledSGD):
     description = ("compiled_sgd with the gradient traced under torch.autocast(dtype=torch.bfloat16): products on "
                    "bf16 operands, float32 weights and update")
     autocast = torch.bfloat16
+    # Its gradient graph is bf16: the full-gradient passes are float32 and are compared with compiled_sgd's.
+    forward_backward_pass = None
 
 
 def sgd_step_graph(gradient, n_params, example):
