@@ -554,6 +554,8 @@ def markdown(report):
     lines += [f"- {name}, {g['model']} batch {g['batch_size']}, {pass_name}: {m[pass_name].splitlines()[0]}"
               for g in report["results"] for name, m in g["methods"].items()
               for pass_name in ("centered_int8", "bf16_anchor") if pass_name in m]
+    if meta.get("corrected"):
+        lines += ["", f"Corrected after the run: {meta['corrected'].removeprefix('removed after the run: ')}"]
     return "\n".join(lines) + "\n"
 
 

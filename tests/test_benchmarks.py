@@ -108,6 +108,15 @@ def test_markdown_table_names_the_cpu_flags(report, tmp_path):
     assert "compiled_halp8_int8_bf16, " in done.stdout and "matrix work" in done.stdout
 
 
+def test_markdown_says_what_was_corrected_in_a_saved_run():
+    saved = os.path.join(ROOT, "docs", "results", "benchmarks", "low_precision_mlp1024.json")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--markdown-from", saved],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Corrected after the run: the compiled fwd+bwd reference pass" in done.stdout
+    assert "compiled fwd+bwd pass" not in done.stdout.split("Corrected after the run")[0]
+
+
 def test_every_method_has_positive_timings(report):
     methods = report[0]["results"][0]["methods"]
     for name in ran(report[0]):
