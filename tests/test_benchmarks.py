@@ -431,6 +431,24 @@ def test_the_avx_vnni_epyc_benchmark_tables_quote_the_saved_runs_with_freed_memo
         assert cells == [f"{methods[m][key] * 1e3:.{digits}f}" for m in AMX_COLUMNS]
 
 
+def test_the_avx_vnni_epyc_epoch_and_full_gradient_ratios_quote_the_saved_runs():
+    def ratios(saved_as, model):
+        saved = json.load(open(os.path.join(ROOT, "docs", "results", "benchmarks",
+                                            f"low_precision_{saved_as}_epyc_avx_vnni_kept.json")))
+        return next(group for group in saved["results"] if group["model"] == model)["ratios"]
+    mlp, transformer = ratios("mlp1024", "mlp1024"), ratios("transformer", "transformer")
+    page = " ".join(open(os.path.join(ROOT, "docs", "low_precision.md")).read()
+                    .split("### On a newer EPYC with AVX-VNNI", 1)[1].split("### On a CPU with AMX", 1)[0].split())
+    assert (f"with the bf16 anchor takes {mlp['halp8_int8_bf16_over_svrg_epoch']:.2f}× (mlp1024) and "
+            f"{transformer['halp8_int8_bf16_over_svrg_epoch']:.2f}× (transformer) of SVRG's, with the float32 anchor "
+            f"{mlp['halp8_int8_over_svrg_epoch']:.2f}× and {transformer['halp8_int8_over_svrg_epoch']:.2f}×") in page
+    full = [ratios(saved_as, model)["compiled_halp8_full_grad_over_compiled_fwd_bwd"]
+            for saved_as, model in [("mlp1024", "mlp1024"), ("transformer", "transformer"), ("cnn", "cnn"),
+                                    ("cnn", "lenet5")]]
+    assert ("The full gradient (float32 at every arithmetic) takes {:.2f}× (mlp1024), {:.2f}× (transformer), {:.2f}× "
+            "(CNN) and {:.2f}× (LeNet-5) of compiled SGD's float32 forward and backward".format(*full)) in page
+
+
 def test_the_avx_vnni_epyc_convolution_ratios_in_docs_low_precision_quote_the_saved_run():
     rows = list(csv.DictReader(open(os.path.join(ROOT, "docs", "results", "benchmarks",
                                                  "int8_convolution_epyc_avx_vnni.csv"))))
