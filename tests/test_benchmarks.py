@@ -449,6 +449,30 @@ def test_the_avx_vnni_epyc_epoch_and_full_gradient_ratios_quote_the_saved_runs()
             "(CNN) and {:.2f}× (LeNet-5) of compiled SGD's float32 forward and backward".format(*full)) in page
 
 
+def test_the_mlp_width_sweep_times_both_arithmetics_on_the_same_model(tmp_path):
+    out = tmp_path / "widths.csv"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "int8_mlp_widths.py"), "--widths", "16",
+                           "--rounds", "2", "--steps", "1", "--no-inductor", "--csv", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = list(csv.DictReader(open(out)))
+    assert row["multiply_adds_per_hidden_product"] == str(128 * 16 * 16)
+    assert float(row["fp32_halp_ms"]) > 0 and float(row["int8_halp_ms"]) > 0
+    expected = "8" if row["int8_pays_here"] == "True" else "0"   # 3 layers: 8 products at W (the first has 2)
+    assert row["int8_products"] == expected
+
+
+def test_the_mlp_width_table_in_docs_low_precision_quotes_the_saved_run():
+    rows = list(csv.DictReader(open(os.path.join(ROOT, "docs", "results", "benchmarks",
+                                                 "int8_mlp_widths_epyc_avx_vnni.csv"))))
+    assert {row["int8_products"] for row in rows} == {"8"}   # every product in int8, on a CPU where it pays
+    page = open(os.path.join(ROOT, "docs", "low_precision.md")).read().split("### On a newer EPYC with AVX-VNNI", 1)[1]
+    for row in rows:
+        cells = _row_cells(page, f"| {row['width']} |")
+        assert cells[1:] == [f"{float(row['fp32_halp_ms']):.3f}", f"{float(row['int8_halp_ms']):.3f}",
+                             f"{float(row['int8_over_fp32']):.2f}"]
+
+
 def test_the_avx_vnni_epyc_convolution_ratios_in_docs_low_precision_quote_the_saved_run():
     rows = list(csv.DictReader(open(os.path.join(ROOT, "docs", "results", "benchmarks",
                                                  "int8_convolution_epyc_avx_vnni.csv"))))
