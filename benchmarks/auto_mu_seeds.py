@@ -1,4 +1,4 @@
-"""Train one example's HALP under ``mu="auto"`` at one width over several seeds: issue 14's "auto" column.
+"""Train one example's HALP under ``mu="auto"`` at one width over several seeds: the auto column of docs/examples.md's table.
 
     python benchmarks/auto_mu_seeds.py --example digits --bits 4 --seeds 0,1,2,3,4 \
         --out docs/results/auto_mu/digits_4bit_auto.csv

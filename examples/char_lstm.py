@@ -39,9 +39,8 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=4.0, help="step size of every method (default: 4)")
     parser.add_argument("--T", type=int, default=None, help="steps between recenters (default: one epoch)")
     parser.add_argument("--mu", type=mu_value, default="auto",
-                        help="mu of HALP, a number or 'auto' (default: auto; 1.5-3%% above the best swept mu, 1, on "
-                             "the mean of five seeds at 8 bits and of ten at 4 bits, as the CPU changes: inside this "
-                             "training's noise)")
+                        help="mu of HALP, a number or 'auto' (default: auto; 2.4%% above the best swept mu, 1, on the "
+                             "mean of five seeds at 8 bits and 3.0%% on ten at 4 bits: inside this training's noise)")
     parser.add_argument("--bits", type=int, default=8, help="bits of LP-SGD weights and HALP offsets (default: 8)")
     parser.add_argument("--lp-range-factor", type=float, default=4.0,
                         help="LP-SGD's fixed grid of each tensor covers this many times its largest initial "

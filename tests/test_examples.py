@@ -302,12 +302,12 @@ def test_the_low_precision_char_lstm_perplexities_quote_the_saved_seeds_and_nudg
             assert cell == f"{value:.2f} ({100 * (value / fp32 - 1):+.1f}%)"
 
 
-def test_the_char_lstm_auto_mu_reruns_on_the_avx_vnni_epyc_are_quoted_from_their_csvs():
+def test_the_char_lstm_auto_mu_seeds_are_quoted_from_their_csvs():
     folder = os.path.join(ROOT, "docs", "results", "auto_mu")
     seeds = {(r["bits"], r["seed"], r["mu"]): float(r["val_perplexity"])
-             for r in csv.DictReader(open(os.path.join(folder, "char_lstm_seeds_epyc_avx_vnni.csv")))}
+             for r in csv.DictReader(open(os.path.join(folder, "char_lstm_seeds.csv")))}
     auto4 = [float(r["val_perplexity"]) for r in csv.DictReader(open(os.path.join(folder,
-             "char_lstm_4bit_auto_epyc_avx_vnni.csv"))) if r["seed"] != "mean"]
+             "char_lstm_4bit_auto.csv"))) if r["seed"] != "mean"]
     assert len(auto4) == 10
     auto8 = sum(seeds["8", str(s), "auto"] for s in range(5)) / 5
     mu1_8 = sum(seeds["8", str(s), "1"] for s in range(5)) / 5
@@ -322,13 +322,47 @@ def test_the_char_lstm_auto_mu_reruns_on_the_avx_vnni_epyc_are_quoted_from_their
     assert f"it averages {mean4:.2f} against μ=1's {mu1_4:.2f} ({100 * (mean4 / mu1_4 - 1):+.1f}%)" in results
 
 
+def test_the_auto_mu_summary_follows_from_its_runs_and_both_pages_quote_it():
+    folder = os.path.join(ROOT, "docs", "results", "auto_mu")
+    summary = {(r["example"], r["bits"]): r for r in csv.DictReader(open(os.path.join(folder, "summary.csv")))}
+    digits = {(r["seed"], r["bits"], r["mu"]): float(r["test_accuracy"])
+              for r in csv.DictReader(open(os.path.join(folder, "digits_seeds.csv")))}
+    subset4 = {(r["seed"], r["mu"]): float(r["test_accuracy"])
+               for r in csv.DictReader(open(os.path.join(folder, "fashion_mnist_subset_4bit_auto.csv")))}
+    full = list(csv.DictReader(open(os.path.join(ROOT, "docs", "results", "fashion_mnist_full", "mu_sweep.csv"))))
+    full_main = {r["method"]: float(r["test_accuracy"])
+                 for r in csv.DictReader(open(os.path.join(ROOT, "docs", "results", "fashion_mnist_full", "summary.csv")))}
+
+    def mean(values):
+        return sum(values) / len(values)
+    expected = {}
+    for bits in ("8", "4"):
+        means = {mu: mean([digits[str(s), bits, mu] for s in range(5)]) for mu in ("auto", "0.5", "4", "8", "16")}
+        expected["digits", bits] = (means["auto"], max(v for mu, v in means.items() if mu != "auto"))
+        swept = [float(r["test_accuracy"]) for r in full if r["bits"] == bits]
+        expected["fashion_mnist_full", bits] = (full_main[f"HALP {bits}-bit"], max(swept))
+    means = {mu: mean([subset4[str(s), mu] for s in range(3)]) for mu in ("auto", "4", "8")}
+    expected["fashion_mnist_10k", "4"] = (means["auto"], max(means["4"], means["8"]))
+    results = open(os.path.join(ROOT, "docs", "results.md")).read()
+    for key, (auto, best) in expected.items():
+        row = summary[key]
+        assert float(row["auto"]) == pytest.approx(auto, abs=1e-3) and float(row["best_swept"]) == pytest.approx(best, abs=1e-3)
+        assert row["met"] == f"{'yes' if auto - best >= -0.3 else 'no'} ({auto - best:+.2f})"
+        # the results page's row for this example and width gives both figures and the difference
+        label = {"digits": "| digits |", "fashion_mnist_10k": "| Fashion-MNIST, 10k subset |",
+                 "fashion_mnist_full": "| Fashion-MNIST, full 60k"}[key[0]]
+        line = next(line for line in results.splitlines() if line.startswith(label) and f"| {key[1]} |" in line)
+        line = line.replace("\u2212", "-")  # the page's minus signs
+        assert f"{auto:.2f}" in line and f"{best:.2f}" in line and f"({auto - best:+.2f})" in line
+
+
 MAIN_JOB_TABLES = {  # folder: (section heading, method -> its row's label, (column, format) of the quoted cells)
     "char_lstm": ("## Character-level LSTM",
                   {"SGD": "SGD", "LP-SGD 8-bit": "LP-SGD 8-bit", "SVRG": "SVRG", "HALP 8-bit": "HALP 8-bit, mu=auto"},
                   [("val_perplexity", "{:.2f}"), ("train_perplexity", "{:.2f}")]),
     "fashion_mnist": ("## Fashion-MNIST, LeNet-5",
                       {"SGD": "SGD", "LP-SGD 8-bit": "LP-SGD 8-bit", "SVRG": "SVRG", "HALP 8-bit": "HALP 8-bit, mu=auto",
-                       "HALP 4-bit": "HALP 4-bit, mu=4"},
+                       "HALP 4-bit": "HALP 4-bit, mu=8"},
                       [("test_accuracy", "{:.2f} %"), ("train_loss", "{:.3f}")]),
     "fashion_mnist_full": ("### The full training set (`--full`)",
                            {"SGD": "SGD", "LP-SGD 8-bit": "LP-SGD 8-bit", "SVRG": "SVRG",
