@@ -327,6 +327,19 @@ def _row_cells(page, prefix):
     return [cell.strip() for cell in row.strip("|").split("|")][1:]
 
 
+def _avx_vnni_section(joined=False):
+    """docs/low_precision.md's section on the AVX-VNNI EPYC (``joined``: its words joined by single spaces)."""
+    page = open(os.path.join(ROOT, "docs", "low_precision.md")).read()
+    section = page.split("### On a newer EPYC with AVX-VNNI", 1)[1].split("### On a CPU with AMX", 1)[0]
+    return " ".join(section.split()) if joined else section
+
+
+def _avx_vnni_kept_run(saved_as):
+    """The saved ``run.py --keep-freed-memory`` report of the AVX-VNNI EPYC for ``saved_as``."""
+    return json.load(open(os.path.join(ROOT, "docs", "results", "benchmarks",
+                                       f"low_precision_{saved_as}_epyc_avx_vnni_kept.json")))
+
+
 AMX_ROWS = {"mlp1024": ("mlp1024", "mlp1024", 2), "transformer": ("transformer", "transformer layer", 0),
             "cnn": ("cnn", "CNN", 2), "lenet5": ("cnn", "LeNet-5", 2)}
 AMX_COLUMNS = ["compiled_sgd", "compiled_sgd_bf16_autocast", "compiled_svrg", "compiled_halp8", "compiled_halp8_int8",
@@ -420,12 +433,11 @@ def test_the_epyc_interleaved_step_times_in_docs_low_precision_quote_the_saved_r
                                                      ("transformer", "transformer", "transformer layer"),
                                                      ("cnn", "cnn", "CNN"), ("cnn", "lenet5", "LeNet-5")])
 def test_the_avx_vnni_epyc_benchmark_tables_quote_the_saved_runs_with_freed_memory_kept(saved_as, model, label):
-    saved = json.load(open(os.path.join(ROOT, "docs", "results", "benchmarks",
-                                        f"low_precision_{saved_as}_epyc_avx_vnni_kept.json")))
+    saved = _avx_vnni_kept_run(saved_as)
     assert saved["meta"]["freed_memory_kept"] is True
     assert {"avx_vnni", "avx512_vnni", "avx512_bf16"} <= set(saved["meta"]["cpu_flags"])
     methods = next(group for group in saved["results"] if group["model"] == model)["methods"]
-    page = open(os.path.join(ROOT, "docs", "low_precision.md")).read().split("### On a newer EPYC with AVX-VNNI", 1)[1]
+    page = _avx_vnni_section()
     for quantity, key, digits in [("ms per inner step", "inner_step_s", 2), ("ms per epoch", "epoch_s", 1)]:
         cells = _row_cells(page, f"| {label} on the AVX-VNNI EPYC, {quantity} |")
         assert cells == [f"{methods[m][key] * 1e3:.{digits}f}" for m in AMX_COLUMNS]
@@ -433,12 +445,9 @@ def test_the_avx_vnni_epyc_benchmark_tables_quote_the_saved_runs_with_freed_memo
 
 def test_the_avx_vnni_epyc_epoch_and_full_gradient_ratios_quote_the_saved_runs():
     def ratios(saved_as, model):
-        saved = json.load(open(os.path.join(ROOT, "docs", "results", "benchmarks",
-                                            f"low_precision_{saved_as}_epyc_avx_vnni_kept.json")))
-        return next(group for group in saved["results"] if group["model"] == model)["ratios"]
+        return next(group for group in _avx_vnni_kept_run(saved_as)["results"] if group["model"] == model)["ratios"]
     mlp, transformer = ratios("mlp1024", "mlp1024"), ratios("transformer", "transformer")
-    page = " ".join(open(os.path.join(ROOT, "docs", "low_precision.md")).read()
-                    .split("### On a newer EPYC with AVX-VNNI", 1)[1].split("### On a CPU with AMX", 1)[0].split())
+    page = _avx_vnni_section(joined=True)
     assert (f"with the bf16 anchor takes {mlp['halp8_int8_bf16_over_svrg_epoch']:.2f}× (mlp1024) and "
             f"{transformer['halp8_int8_bf16_over_svrg_epoch']:.2f}× (transformer) of SVRG's, with the float32 anchor "
             f"{mlp['halp8_int8_over_svrg_epoch']:.2f}× and {transformer['halp8_int8_over_svrg_epoch']:.2f}×") in page
@@ -466,7 +475,7 @@ def test_the_mlp_width_table_in_docs_low_precision_quotes_the_saved_run():
     rows = list(csv.DictReader(open(os.path.join(ROOT, "docs", "results", "benchmarks",
                                                  "int8_mlp_widths_epyc_avx_vnni.csv"))))
     assert {row["int8_products"] for row in rows} == {"8"}   # every product in int8, on a CPU where it pays
-    page = open(os.path.join(ROOT, "docs", "low_precision.md")).read().split("### On a newer EPYC with AVX-VNNI", 1)[1]
+    page = _avx_vnni_section()
     for row in rows:
         cells = _row_cells(page, f"| {row['width']} |")
         assert cells[1:] == [f"{float(row['fp32_halp_ms']):.3f}", f"{float(row['int8_halp_ms']):.3f}",
@@ -481,8 +490,7 @@ def test_the_avx_vnni_epyc_convolution_ratios_in_docs_low_precision_quote_the_sa
     def span(column):
         values = sorted(float(row[column]) for row in rows)
         return f"{values[0]:.2f}–{values[-1]:.2f}×"
-    page = " ".join(open(os.path.join(ROOT, "docs", "low_precision.md")).read()
-                    .split("### On a newer EPYC with AVX-VNNI", 1)[1].split("### On a CPU with AMX", 1)[0].split())
+    page = _avx_vnni_section(joined=True)
     assert (f"convolution costs {span('onednn_int8_over_fp32')} the float32 one with its weight packed once and "
             f"{span('onednn_int8_packed_per_call_over_fp32')} packed per call") in page
     assert f"`im2col` with `_int_mm` {span('im2col_int8_over_fp32')}" in page

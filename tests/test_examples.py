@@ -322,7 +322,7 @@ def test_the_char_lstm_auto_mu_seeds_are_quoted_from_their_csvs():
     assert f"it averages {mean4:.2f} against μ=1's {mu1_4:.2f} ({100 * (mean4 / mu1_4 - 1):+.1f}%)" in results
 
 
-def test_the_auto_mu_summary_follows_from_its_runs_and_both_pages_quote_it():
+def test_the_auto_mu_summary_follows_from_its_runs_and_the_results_page_quotes_it():
     folder = os.path.join(ROOT, "docs", "results", "auto_mu")
     summary = {(r["example"], r["bits"]): r for r in csv.DictReader(open(os.path.join(folder, "summary.csv")))}
     digits = {(r["seed"], r["bits"], r["mu"]): float(r["test_accuracy"])
